@@ -1,0 +1,338 @@
+//! `/etc/jfs/jfs.toml`: one file read by every jfs process.
+//!
+//! Keys follow the seed systems' dotted names (`namespace.backend.type`,
+//! `jfs.namespace.server.rpc-address`, ...). TOML nests them; we flatten the
+//! document back to dotted keys and check each against the table in
+//! [`KEYS`], so an unknown key or a bad value stops start-up with the key's
+//! name and what is wrong with it. Settings that differ per node (node id,
+//! data directory, listen address) are command-line flags of each daemon.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/jfs/jfs.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}`: {problem}")]
+    BadValue { key: String, problem: String },
+    #[error("unknown config key `{0}` (check the spelling; `man jfs.toml` lists every key)")]
+    UnknownKey(String),
+}
+
+/// One member of the metad quorum as written in `initial-conf`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaPeer {
+    /// Raft node id: the position in `initial-conf`, from 1.
+    pub id: u64,
+    /// host:port of its Raft service.
+    pub raft_addr: String,
+    /// host:port of its client service.
+    pub rpc_addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub peers: Vec<MetaPeer>,
+    pub rpc_addresses: Vec<String>,
+    pub metad_data_dir: PathBuf,
+    pub raft_heartbeat: Duration,
+    pub raft_election_timeout: Duration,
+    pub raft_snapshot_every: u64,
+    pub block_size: u64,
+    pub replication: u32,
+    pub blockd_data_dir: PathBuf,
+    pub blockd_heartbeat: Duration,
+    pub blockd_dead_after: Duration,
+    pub client_timeout: Duration,
+    pub attr_timeout: Duration,
+    pub entry_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            peers: Vec::new(),
+            rpc_addresses: Vec::new(),
+            metad_data_dir: PathBuf::from("/var/lib/jfs/metad"),
+            raft_heartbeat: Duration::from_millis(150),
+            raft_election_timeout: Duration::from_millis(1000),
+            raft_snapshot_every: 20_000,
+            block_size: 4 << 20,
+            replication: 1,
+            blockd_data_dir: PathBuf::from("/var/lib/jfs/blockd"),
+            blockd_heartbeat: Duration::from_millis(1000),
+            blockd_dead_after: Duration::from_millis(10_000),
+            client_timeout: Duration::from_secs(60),
+            attr_timeout: Duration::from_secs(1),
+            entry_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+type Setter = fn(&mut Config, &toml::Value) -> Result<(), String>;
+
+/// Every key jfs understands, with the code that checks and stores it.
+const KEYS: &[(&str, Setter)] = &[
+    ("namespace.backend.type", |_, v| match as_str(v)? {
+        "raft" => Ok(()),
+        "rocksdb" | "dynamodb" => Err("this build supports only \"raft\"".into()),
+        other => Err(format!("expected \"raft\", \"rocksdb\" or \"dynamodb\", got {other:?}")),
+    }),
+    ("namespace.backend.raft.initial-conf", |c, v| {
+        c.peers = parse_initial_conf(as_str(v)?)?;
+        Ok(())
+    }),
+    ("namespace.backend.raft.heartbeat-interval-ms", |c, v| {
+        c.raft_heartbeat = as_ms(v, 10, 10_000)?;
+        Ok(())
+    }),
+    ("namespace.backend.raft.election-timeout-ms", |c, v| {
+        c.raft_election_timeout = as_ms(v, 50, 60_000)?;
+        Ok(())
+    }),
+    ("namespace.backend.raft.snapshot-interval", |c, v| {
+        c.raft_snapshot_every = as_int(v, 100, u64::MAX)?;
+        Ok(())
+    }),
+    ("jfs.namespace.server.rpc-address", |c, v| {
+        c.rpc_addresses = parse_addr_list(as_str(v)?)?;
+        Ok(())
+    }),
+    ("namespace.data-dir", |c, v| {
+        c.metad_data_dir = PathBuf::from(as_str(v)?);
+        Ok(())
+    }),
+    ("namespace.block-size", |c, v| {
+        let n = as_int(v, 64 << 10, 64 << 20)?;
+        if n % (64 << 10) != 0 {
+            return Err("must be a multiple of 65536 (the checksum chunk size)".into());
+        }
+        c.block_size = n;
+        Ok(())
+    }),
+    ("namespace.replication", |c, v| {
+        c.replication = as_int(v, 1, 16)? as u32;
+        Ok(())
+    }),
+    ("blockd.data-dir", |c, v| {
+        c.blockd_data_dir = PathBuf::from(as_str(v)?);
+        Ok(())
+    }),
+    ("blockd.heartbeat-interval-ms", |c, v| {
+        c.blockd_heartbeat = as_ms(v, 50, 60_000)?;
+        Ok(())
+    }),
+    ("blockd.dead-interval-ms", |c, v| {
+        c.blockd_dead_after = as_ms(v, 500, 3_600_000)?;
+        Ok(())
+    }),
+    ("client.timeout-ms", |c, v| {
+        c.client_timeout = as_ms(v, 100, 3_600_000)?;
+        Ok(())
+    }),
+    ("mount.attr-timeout-ms", |c, v| {
+        c.attr_timeout = as_ms(v, 0, 3_600_000)?;
+        Ok(())
+    }),
+    ("mount.entry-timeout-ms", |c, v| {
+        c.entry_timeout = as_ms(v, 0, 3_600_000)?;
+        Ok(())
+    }),
+];
+
+fn as_str(v: &toml::Value) -> Result<&str, String> {
+    v.as_str().ok_or_else(|| format!("expected a string, got {}", v.type_str()))
+}
+
+fn as_int(v: &toml::Value, min: u64, max: u64) -> Result<u64, String> {
+    let n = v
+        .as_integer()
+        .ok_or_else(|| format!("expected an integer, got {}", v.type_str()))?;
+    if n < 0 || (n as u64) < min || (n as u64) > max {
+        return Err(format!("{n} is out of range {min}..={max}"));
+    }
+    Ok(n as u64)
+}
+
+fn as_ms(v: &toml::Value, min: u64, max: u64) -> Result<Duration, String> {
+    as_int(v, min, max).map(Duration::from_millis)
+}
+
+fn check_host_port(s: &str) -> Result<(), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not host:port"))?;
+    if host.is_empty() {
+        return Err(format!("{s:?} has no host"));
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("{s:?} has a bad port {port:?}"))?;
+    Ok(())
+}
+
+fn parse_addr_list(s: &str) -> Result<Vec<String>, String> {
+    let out: Vec<String> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_string)
+        .collect();
+    if out.is_empty() {
+        return Err("expected a comma-separated list of host:port".into());
+    }
+    for a in &out {
+        check_host_port(a)?;
+    }
+    Ok(out)
+}
+
+/// `host:port:flag,...` as JindoFS writes it; the trailing flag is accepted
+/// for compatibility and must be 0 (a voter).
+fn parse_initial_conf(s: &str) -> Result<Vec<MetaPeer>, String> {
+    let mut peers = Vec::new();
+    for (i, item) in s.split(',').map(str::trim).filter(|x| !x.is_empty()).enumerate() {
+        let parts: Vec<&str> = item.split(':').collect();
+        let (host, port) = match parts.as_slice() {
+            [h, p] | [h, p, "0"] => (*h, *p),
+            [_, _, flag] => return Err(format!("{item:?}: unsupported member flag {flag:?} (only 0)")),
+            _ => return Err(format!("{item:?} is not host:port:0")),
+        };
+        let raft_addr = format!("{host}:{port}");
+        check_host_port(&raft_addr)?;
+        peers.push(MetaPeer { id: i as u64 + 1, raft_addr, rpc_addr: String::new() });
+    }
+    if peers.is_empty() {
+        return Err("expected at least one host:port:0".into());
+    }
+    Ok(peers)
+}
+
+fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, toml::Value>) {
+    for (k, v) in table {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match v {
+            // A table that is itself a known key's value does not exist in
+            // our schema, so every table is a namespace of keys.
+            toml::Value::Table(t) => flatten(&key, t, out),
+            other => {
+                out.insert(key, other.clone());
+            }
+        }
+    }
+}
+
+impl Config {
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let mut flat = BTreeMap::new();
+        flatten("", &table, &mut flat);
+        let mut cfg = Config::default();
+        for (key, value) in &flat {
+            let setter = KEYS
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, s)| s)
+                .ok_or_else(|| ConfigError::UnknownKey(key.clone()))?;
+            setter(&mut cfg, value).map_err(|problem| ConfigError::BadValue { key: key.clone(), problem })?;
+        }
+        cfg.link_addresses()?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::from_toml_str(&text, path)
+    }
+
+    /// Pairs the i-th Raft address with the i-th client address.
+    fn link_addresses(&mut self) -> Result<(), ConfigError> {
+        if self.peers.is_empty() {
+            return Ok(());
+        }
+        if self.rpc_addresses.len() != self.peers.len() {
+            return Err(ConfigError::BadValue {
+                key: "jfs.namespace.server.rpc-address".into(),
+                problem: format!(
+                    "lists {} addresses but namespace.backend.raft.initial-conf lists {} nodes; list one client address per node, in the same order",
+                    self.rpc_addresses.len(),
+                    self.peers.len()
+                ),
+            });
+        }
+        if self.raft_election_timeout <= self.raft_heartbeat * 2 {
+            return Err(ConfigError::BadValue {
+                key: "namespace.backend.raft.election-timeout-ms".into(),
+                problem: "must be more than twice namespace.backend.raft.heartbeat-interval-ms".into(),
+            });
+        }
+        for (p, a) in self.peers.iter_mut().zip(&self.rpc_addresses) {
+            p.rpc_addr = a.clone();
+        }
+        Ok(())
+    }
+
+    pub fn peer(&self, id: u64) -> Option<&MetaPeer> {
+        self.peers.iter().find(|p| p.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = parse(
+            r#"
+namespace.backend.type = "raft"
+namespace.backend.raft.initial-conf = "h1:8103:0,h2:8103:0,h3:8103:0"
+jfs.namespace.server.rpc-address = "h1:8101,h2:8101,h3:8101"
+namespace.block-size = 1048576
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.peers.len(), 3);
+        assert_eq!(c.peers[1], MetaPeer { id: 2, raft_addr: "h2:8103".into(), rpc_addr: "h2:8101".into() });
+        assert_eq!(c.block_size, 1 << 20);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse("namespace.blok-size = 4\n").unwrap_err();
+        assert!(e.to_string().contains("namespace.blok-size"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = parse("namespace.block-size = \"big\"\n").unwrap_err();
+        assert!(e.to_string().contains("namespace.block-size"), "{e}");
+        let e = parse("namespace.block-size = 100000\n").unwrap_err();
+        assert!(e.to_string().contains("65536"), "{e}");
+        let e = parse("namespace.backend.raft.initial-conf = \"h1\"\n").unwrap_err();
+        assert!(e.to_string().contains("initial-conf"), "{e}");
+        let e = parse(
+            "namespace.backend.raft.initial-conf = \"a:1:0,b:2:0\"\njfs.namespace.server.rpc-address = \"a:3\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("rpc-address"), "{e}");
+    }
+
+    #[test]
+    fn corrupt_toml_is_a_syntax_error() {
+        assert!(matches!(parse("namespace.block-size = = 3"), Err(ConfigError::Syntax { .. })));
+    }
+}

@@ -1,1 +1,212 @@
-fn main() {}
+//! jfs-blockd: the storage daemon. Stores file data as immutable, checksummed blocks under its
+//! data directory, serves them over the `Block` gRPC service, and heartbeats to the metad leader.
+//!
+//! Start-up order: flags, config (a bad one exits with code 2), an exclusive lock on the data
+//! directory, the block store (cleaning debris of a crash), the durable identity, then the
+//! listener. It serves until SIGTERM or SIGINT.
+
+mod block_store;
+mod heartbeat;
+mod service;
+
+use std::fs::{File, OpenOptions};
+use std::io::IsTerminal;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use jfs_common::config::{Config, DEFAULT_CONFIG_PATH};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use block_store::BlockStore;
+use heartbeat::{GrpcCaller, Heartbeat, LeaderFinder, NodeState};
+use service::BlockService;
+
+/// How long in-flight requests may run after SIGTERM before the process exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "jfs-blockd",
+    version,
+    about = "jfs storage daemon: checksummed blocks on local disk"
+)]
+struct Args {
+    /// Configuration file.
+    #[arg(long = "conf", value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+    conf: PathBuf,
+    /// Data directory (default: blockd.data-dir from the config).
+    #[arg(long = "data-dir", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address to serve on; also the address advertised to metad, so it must be reachable by clients.
+    #[arg(long = "listen", value_name = "HOST:PORT")]
+    listen: String,
+}
+
+/// A start-up failure: the message for the operator and the exit code.
+struct Fatal(String, u8);
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fatal(msg, code)) => {
+            // Plain stderr rather than a log event: it must show even with RUST_LOG=off.
+            eprintln!("jfs-blockd: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Takes the data directory's lock for the life of the process (released by the kernel on exit).
+fn lock_data_dir(dir: &Path) -> Result<File, Fatal> {
+    let path = dir.join("LOCK");
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Fatal(format!("cannot open lock file {}: {e}", path.display()), 1))?;
+    // SAFETY: plain syscall on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Fatal(
+                format!(
+                    "data directory {} is in use by another jfs-blockd (it holds {}); stop that one or give this one \
+                     another --data-dir",
+                    dir.display(),
+                    path.display()
+                ),
+                1,
+            )
+        } else {
+            Fatal(format!("cannot lock {}: {e}", path.display()), 1)
+        });
+    }
+    Ok(f)
+}
+
+fn run(args: Args) -> Result<(), Fatal> {
+    let cfg = Config::load(&args.conf).map_err(|e| Fatal(e.to_string(), 2))?;
+    if cfg.rpc_addresses.is_empty() {
+        return Err(Fatal(
+            format!(
+                "config file {}: `jfs.namespace.server.rpc-address` is not set; blockd needs it to find metad",
+                args.conf.display()
+            ),
+            2,
+        ));
+    }
+    if args
+        .listen
+        .rsplit_once(':')
+        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+    {
+        return Err(Fatal(format!("--listen {:?} is not HOST:PORT", args.listen), 2));
+    }
+    if args.listen.starts_with("0.0.0.0:") || args.listen.starts_with("[::]:") {
+        warn!(
+            listen = %args.listen,
+            "the listen address is also the address metad gives to clients; a wildcard address is not reachable \
+             from other hosts — use this host's own address"
+        );
+    }
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| cfg.blockd_data_dir.clone());
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| Fatal(format!("cannot create data directory {}: {e}", data_dir.display()), 1))?;
+    let _lock = lock_data_dir(&data_dir)?;
+    let store = Arc::new(
+        BlockStore::open(&data_dir)
+            .map_err(|e| Fatal(format!("cannot open block store in {}: {e}", data_dir.display()), 1))?,
+    );
+    let state = NodeState::load(&data_dir).map_err(|e| Fatal(e.to_string(), 1))?;
+    info!(
+        blockd_id = %state.blockd_id,
+        cluster_id = state.cluster_id.as_deref().unwrap_or("(not joined yet)"),
+        data_dir = %data_dir.display(),
+        "starting jfs-blockd"
+    );
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("blockd")
+        .build()
+        .map_err(|e| Fatal(format!("cannot start the async runtime: {e}"), 1))?;
+    rt.block_on(serve(args.listen, cfg, store, state))
+}
+
+async fn serve(listen: String, cfg: Config, store: Arc<BlockStore>, state: NodeState) -> Result<(), Fatal> {
+    let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
+        Fatal(
+            format!("cannot listen on {listen}: {e} (is another process using the port, or is the address not on this host?)"),
+            1,
+        )
+    })?;
+    info!(listen = %listen, "serving Block service");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let hb = Heartbeat::new(
+        Arc::clone(&store),
+        state,
+        listen.clone(),
+        cfg.blockd_heartbeat,
+        LeaderFinder::new(cfg.rpc_addresses.clone(), GrpcCaller::default()),
+    );
+    let hb_task = tokio::spawn(hb.run(stop_rx.clone()));
+
+    let signal_tx = stop_tx.clone();
+    let shutdown = async move {
+        wait_for_signal().await;
+        let _ = signal_tx.send(true);
+    };
+    let mut grace_rx = stop_rx;
+    let grace = async move {
+        let _ = grace_rx.wait_for(|stopped| *stopped).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let svc = BlockService::new(store, cfg.client_timeout);
+    let result = tokio::select! {
+        r = service::serve(listener, svc, shutdown) => r,
+        _ = grace => {
+            warn!("requests still running {SHUTDOWN_GRACE:?} after the stop signal; exiting anyway");
+            Ok(())
+        }
+    };
+    let _ = stop_tx.send(true);
+    let _ = hb_task.await;
+    match result {
+        Ok(()) => {
+            info!("jfs-blockd stopped");
+            Ok(())
+        }
+        Err(e) => Err(Fatal(format!("the Block service failed: {e}"), 1)),
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            error!("cannot install signal handlers ({e}); stop jfs-blockd with SIGKILL");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received, shutting down"),
+        _ = int.recv() => info!("SIGINT received, shutting down"),
+    }
+}

@@ -1,1 +1,386 @@
-fn main() {}
+//! `jfs`, the operator's command-line tool.
+//!
+//! This file holds the command-line grammar (clap derive), the error type
+//! every subcommand returns, and the mapping from errors to exit codes:
+//! 0 success, 1 the operation failed, 2 the command line or the config file
+//! is wrong. The work itself lives in one module per command family.
+
+mod admin;
+mod fs_cmd;
+mod local_cluster;
+mod metastatus;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use jfs_common::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use jfs_common::FsError;
+
+/// State directory of the local development cluster when `--dir` is not given.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/jfs/local";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "jfs",
+    version,
+    about = "Operate a jfs cluster: start a local dev cluster, check metad health, manage namespaces, \
+             and read or write files without a mount.",
+    after_help = "Exit status: 0 success, 1 the operation failed, 2 bad command line or config file.\n\
+                  Set RUST_LOG=debug to see what jfs is doing."
+)]
+struct Cli {
+    /// Cluster config file. Default: /etc/jfs/jfs.toml if it exists, else the local dev cluster's
+    /// /var/lib/jfs/local/jfs.toml.
+    #[arg(long, global = true, value_name = "PATH")]
+    conf: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a whole cluster (3 metad, 3 blockd) on this machine, for development and trials.
+    #[command(subcommand)]
+    Local(LocalCommand),
+
+    /// Show every metad node's role, term and log position. Exits 1 when no leader is visible.
+    Metastatus(MetastatusArgs),
+
+    /// Cluster administration: namespaces.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+
+    /// Read and write files of a namespace without mounting it (URIs look like jfs://default/dir/file).
+    #[command(subcommand)]
+    Fs(FsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum LocalCommand {
+    /// Start (or restart whatever is not running of) the local cluster and mount namespace `default`.
+    ///
+    /// Safe to run again at any time: daemons that are running are left alone, dead ones are
+    /// started again, and the mount is made only if it is not there already.
+    Up {
+        /// State directory: config (jfs.toml), data, logs/, run/ (pid files).
+        #[arg(long, value_name = "STATE", default_value = DEFAULT_STATE_DIR)]
+        dir: PathBuf,
+        /// Loopback address every daemon listens on. Default 127.0.0.1, or the address the state
+        /// directory was created with. Give each cluster on one machine its own (e.g. 127.0.5.1).
+        #[arg(long, value_name = "IP")]
+        ip: Option<String>,
+        /// Where to mount namespace `default` (created if missing).
+        #[arg(value_name = "MOUNTPOINT")]
+        mountpoint: PathBuf,
+    },
+    /// Unmount the local cluster's mounts and stop its daemons. Safe to run again.
+    Down {
+        /// State directory given to `jfs local up`.
+        #[arg(long, value_name = "STATE", default_value = DEFAULT_STATE_DIR)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct MetastatusArgs {
+    /// Also show commit index, last log index, leader, voters/learners, cluster id, live blockds.
+    #[arg(long, short = 'd', alias = "details")]
+    detail: bool,
+    /// Use the local dev cluster in this state directory (reads STATE/jfs.toml).
+    #[arg(long, value_name = "STATE")]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCommand {
+    /// Create a namespace (a separate file tree, addressed as jfs://NAME/).
+    CreateNamespace {
+        /// Namespace name: letters, digits, '-', '_' and '.'.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Block size in bytes, a multiple of 65536 (default: namespace.block-size from the config).
+        #[arg(long, value_name = "BYTES")]
+        block_size: Option<u64>,
+        /// Copies of each block (default: namespace.replication from the config).
+        #[arg(long, value_name = "N")]
+        replication: Option<u32>,
+        /// Succeed without changes when the namespace already exists.
+        #[arg(long)]
+        if_not_exists: bool,
+    },
+    /// List namespaces with their block size and replication.
+    ListNamespaces,
+}
+
+#[derive(Subcommand, Debug)]
+enum FsCommand {
+    /// Print DIR_COUNT FILE_COUNT CONTENT_SIZE PATHNAME of a tree (like `hadoop fs -count`).
+    Count {
+        /// Tree to count, e.g. jfs://default/ or jfs://default/some/dir
+        #[arg(value_name = "URI")]
+        uri: String,
+    },
+    /// List a directory (or show one file).
+    Ls {
+        /// Long format: mode, links, owner, group, size, modification time (UTC), name.
+        #[arg(short = 'l')]
+        long: bool,
+        /// Directory or file, e.g. jfs://default/ or jfs://default/dir
+        #[arg(value_name = "URI")]
+        uri: String,
+    },
+    /// Write a file's content to standard output.
+    Cat {
+        /// File to print, e.g. jfs://default/dir/file
+        #[arg(value_name = "URI")]
+        uri: String,
+    },
+    /// Copy a local file into jfs. If URI is a directory, the file keeps its name inside it.
+    Put {
+        /// Overwrite the destination if it exists.
+        #[arg(short = 'f', long)]
+        force: bool,
+        /// Local file to copy ('-' reads standard input).
+        #[arg(value_name = "LOCAL")]
+        local: PathBuf,
+        /// Destination file or directory, e.g. jfs://default/dir/ (the parent directory must exist)
+        #[arg(value_name = "URI")]
+        uri: String,
+    },
+    /// Copy a jfs file to the local disk. If LOCAL is a directory, the file keeps its name inside it.
+    Get {
+        /// Overwrite the local file if it exists.
+        #[arg(short = 'f', long)]
+        force: bool,
+        /// File to copy, e.g. jfs://default/dir/file
+        #[arg(value_name = "URI")]
+        uri: String,
+        /// Local file or directory to write to
+        #[arg(value_name = "LOCAL")]
+        local: PathBuf,
+    },
+    /// Create a directory.
+    Mkdir {
+        /// Create missing parents too, and do not fail if the directory exists.
+        #[arg(short = 'p', long)]
+        parents: bool,
+        /// Directory to create, e.g. jfs://default/a/b
+        #[arg(value_name = "URI")]
+        uri: String,
+    },
+    /// Remove a file, or a directory tree with -r.
+    Rm {
+        /// Remove directories and everything under them.
+        #[arg(short = 'r', short_alias = 'R', long)]
+        recursive: bool,
+        /// File or directory to remove, e.g. jfs://default/old/file
+        #[arg(value_name = "URI")]
+        uri: String,
+    },
+}
+
+/// Everything a subcommand can fail with, sorted by who has to act.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The command line is wrong (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// The config file is missing or wrong (exit 2).
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// jfs answered with an error (exit 1), printed in the seed systems' format.
+    #[error("{}", .0.cli_line())]
+    Fs(#[from] FsError),
+    /// A jfs error about one path: the standard line, then the path on its own line.
+    #[error("{}\njfs: {}: {}", .0.cli_line(), .1, .0)]
+    FsAt(FsError, String),
+    /// Something else went wrong while doing the work (exit 1).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) | CliError::Config(_) => 2,
+            CliError::Fs(_) | CliError::FsAt(..) | CliError::Failed(_) => 1,
+        }
+    }
+}
+
+pub type CliResult<T> = Result<T, CliError>;
+
+/// Picks the config file: `--conf`, else /etc/jfs/jfs.toml if it exists, else the default local
+/// cluster's. The error names every place looked at, so the operator knows what to create.
+pub fn resolve_conf_path(conf: Option<&Path>) -> CliResult<PathBuf> {
+    if let Some(p) = conf {
+        return Ok(p.to_path_buf());
+    }
+    let candidates = [
+        PathBuf::from(DEFAULT_CONFIG_PATH),
+        Path::new(DEFAULT_STATE_DIR).join("jfs.toml"),
+    ];
+    for c in &candidates {
+        if c.exists() {
+            return Ok(c.clone());
+        }
+    }
+    Err(CliError::Usage(format!(
+        "no config file found (looked at {} and {}); pass --conf PATH, or start a local cluster with \
+         `jfs local up MOUNTPOINT`",
+        candidates[0].display(),
+        candidates[1].display()
+    )))
+}
+
+pub fn load_config(path: &Path) -> CliResult<Config> {
+    let cfg = Config::load(path)?;
+    if cfg.peers.is_empty() {
+        return Err(CliError::Usage(format!(
+            "config file {} lists no metad nodes; set namespace.backend.raft.initial-conf and \
+             jfs.namespace.server.rpc-address",
+            path.display()
+        )));
+    }
+    Ok(cfg)
+}
+
+/// `metastatus` reads STATE/jfs.toml with `--dir`, else the usual config; both at once is ambiguous.
+fn metastatus_conf_path(dir: Option<&Path>, conf: Option<&Path>) -> CliResult<PathBuf> {
+    match (dir, conf) {
+        (Some(_), Some(_)) => Err(CliError::Usage(
+            "give either --conf PATH or --dir STATE (which means STATE/jfs.toml), not both".into(),
+        )),
+        (Some(dir), None) => Ok(dir.join("jfs.toml")),
+        (None, c) => resolve_conf_path(c),
+    }
+}
+
+async fn run(cli: Cli) -> CliResult<()> {
+    let conf = cli.conf.as_deref();
+    match cli.command {
+        Command::Local(LocalCommand::Up { dir, ip, mountpoint }) => {
+            if conf.is_some() {
+                return Err(CliError::Usage(
+                    "`jfs local up` writes and uses STATE/jfs.toml; drop --conf (choose the state with --dir)".into(),
+                ));
+            }
+            local_cluster::up(&dir, ip.as_deref(), &mountpoint).await
+        }
+        Command::Local(LocalCommand::Down { dir }) => local_cluster::down(&dir).await,
+        Command::Metastatus(args) => {
+            let path = metastatus_conf_path(args.dir.as_deref(), conf)?;
+            let cfg = load_config(&path)?;
+            metastatus::run(&cfg, args.detail).await
+        }
+        Command::Admin(cmd) => {
+            let cfg = load_config(&resolve_conf_path(conf)?)?;
+            match cmd {
+                AdminCommand::CreateNamespace {
+                    name,
+                    block_size,
+                    replication,
+                    if_not_exists,
+                } => admin::create_namespace(&cfg, &name, block_size, replication, if_not_exists).await,
+                AdminCommand::ListNamespaces => admin::list_namespaces(&cfg).await,
+            }
+        }
+        Command::Fs(cmd) => {
+            // Parse the URI before touching the config, so a typo is reported as what it is.
+            let cmd = fs_cmd::FsOp::from_cli(cmd)?;
+            let cfg = load_config(&resolve_conf_path(conf)?)?;
+            fs_cmd::run(&cfg, cmd).await
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap prints help/version with exit 0 and usage errors with exit 2.
+            let _ = e.print();
+            return ExitCode::from(e.exit_code().clamp(0, 255) as u8);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("jfs: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match &e {
+                CliError::Fs(_) | CliError::FsAt(..) => eprintln!("{e}"),
+                _ => eprintln!("jfs: {e}"),
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(CliError::Usage("x".into()).exit_code(), 2);
+        assert_eq!(CliError::Fs(FsError::NotFound).exit_code(), 1);
+        assert_eq!(CliError::Failed("x".into()).exit_code(), 1);
+        assert_eq!(
+            CliError::Fs(FsError::NotFound).to_string(),
+            "ErrorCode : 25001 , ErrorMsg: no such file or directory"
+        );
+    }
+
+    #[test]
+    fn metastatus_dir_conflicts_with_conf() {
+        let r = Cli::try_parse_from(["jfs", "metastatus", "--detail", "--dir", "/y"]).unwrap();
+        assert!(matches!(
+            r.command,
+            Command::Metastatus(MetastatusArgs {
+                detail: true,
+                dir: Some(_)
+            })
+        ));
+        let r = metastatus_conf_path(Some(Path::new("/y")), Some(Path::new("/x")));
+        assert!(matches!(r, Err(CliError::Usage(_))));
+        assert_eq!(
+            metastatus_conf_path(Some(Path::new("/y")), None).unwrap(),
+            Path::new("/y/jfs.toml")
+        );
+        assert_eq!(
+            metastatus_conf_path(None, Some(Path::new("/x"))).unwrap(),
+            Path::new("/x")
+        );
+    }
+
+    #[test]
+    fn conf_is_global() {
+        let r = Cli::try_parse_from(["jfs", "fs", "count", "jfs://default/", "--conf", "/c.toml"]).unwrap();
+        assert_eq!(r.conf.as_deref(), Some(Path::new("/c.toml")));
+    }
+}

@@ -1,0 +1,726 @@
+//! jfs client library: everything a process needs to use a jfs namespace
+//! without FUSE. Used by `jfs-mountd` (the FUSE daemon) and by the `jfs` CLI.
+//!
+//! # API in one page (for the CLI author)
+//!
+//! All calls are `async` (tokio) and return [`FsResult`]; errors are
+//! [`FsError`] (print them with `e.cli_line()`).
+//!
+//! ```ignore
+//! let cfg = jfs_common::config::Config::load(path)?;
+//! let client = Client::connect(&cfg, "default").await?;   // finds the namespace; Clone is cheap
+//! let info = client.namespace_info();                      // id, block_size, root_ino, ...
+//! let attr = client.resolve("/a/b").await?;                // walk a path from the root
+//! let (dir, name) = client.resolve_parent("/a/b/new")?;    // parent Attr + last component
+//! let entries = client.readdir_all(attr.ino, true).await?; // Vec<DirEntry> (attrs when plus)
+//! let f = client.create(dir.ino, b"new", 0o644, 0, 0, false).await?;
+//! let h = client.open_file(f.ino).await?;                  // FileHandle, no FUSE needed
+//! h.write_at(0, b"hello").await?;
+//! let bytes = h.read_at(0, 5).await?;
+//! h.release().await?;                                      // flushes, commits: durable now
+//! client.meta().list_namespaces().await?;                  // cluster-level calls
+//! MetaClient::status_of(&addr, timeout).await?;            // one node's view, no retry
+//! ```
+//!
+//! * Names are bytes (`&[u8]`), as on the wire; inode numbers are `u64`.
+//! * Every metadata call follows the metad leader and retries retryable
+//!   errors until `client_timeout` (see [`MetaClient`]). Mutations are sent
+//!   with a sequence number reused on every retry, so each happens once.
+//! * File data: a [`FileHandle`] buffers writes per inode and uploads full
+//!   blocks in the background; `flush`/`fsync`/`release` wait for the
+//!   uploads and commit the block map (close-to-open consistency). Always
+//!   call `release()` when done with a handle.
+//! * Attributes returned by this client include sizes of unflushed writes
+//!   made through this process.
+
+mod blocks;
+mod file;
+pub mod layout;
+mod meta;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jfs_common::config::Config;
+use jfs_common::rpc;
+pub use jfs_common::rpc::{Attr, DirEntry, NamespaceInfo, NodeStatus, StatFsReply, Timespec};
+pub use jfs_common::{FsError, FsResult};
+
+pub use file::FileHandle;
+pub use meta::MetaClient;
+
+use blocks::BlockPool;
+use file::OpenInode;
+
+/// Rename flags (Linux values), for [`Client::rename`].
+pub const RENAME_NOREPLACE: u32 = 1;
+pub const RENAME_EXCHANGE: u32 = 2;
+/// setxattr flags (Linux values), for [`Client::setxattr`].
+pub const XATTR_CREATE: u32 = 1;
+pub const XATTR_REPLACE: u32 = 2;
+
+/// Longest file name jfs accepts, in bytes.
+pub const NAME_MAX: usize = 255;
+
+/// A time to set with [`Client::setattr`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum TimeArg {
+    /// The metad leader's clock (`UTIME_NOW`).
+    Now,
+    At(Timespec),
+}
+
+/// What [`Client::setattr`] changes; `None` leaves a field alone.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SetAttrArgs {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Truncate or extend. Unflushed writes to the file are flushed first.
+    pub size: Option<u64>,
+    pub atime: Option<TimeArg>,
+    pub mtime: Option<TimeArg>,
+    pub ctime: Option<Timespec>,
+}
+
+/// A connection to one namespace of a jfs cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    meta: MetaClient,
+    ns: NamespaceInfo,
+    blocks: BlockPool,
+    /// Files this process has open, by inode: shared write buffers and
+    /// block maps, handle counts, orphan state.
+    open: Mutex<HashMap<u64, Arc<OpenInode>>>,
+    timeout: Duration,
+}
+
+impl Client {
+    /// Connects to the cluster named by `cfg` and looks up `namespace`.
+    /// Waits (up to `cfg.client_timeout`) for a metad leader.
+    pub async fn connect(cfg: &Config, namespace: &str) -> FsResult<Client> {
+        if cfg.rpc_addresses.is_empty() {
+            return Err(FsError::InvalidArgument(
+                "the config lists no metad address (set jfs.namespace.server.rpc-address)".into(),
+            ));
+        }
+        let meta = MetaClient::new(cfg.rpc_addresses.clone(), cfg.client_timeout);
+        Client::with_meta(meta, namespace).await
+    }
+
+    /// Like [`Client::connect`] with an existing [`MetaClient`] (shares its
+    /// connections and sequence numbers).
+    pub async fn with_meta(meta: MetaClient, namespace: &str) -> FsResult<Client> {
+        let ns = meta.get_namespace(namespace).await?;
+        if ns.block_size == 0 {
+            return Err(FsError::Internal(format!(
+                "namespace {namespace:?} reports block size 0"
+            )));
+        }
+        let timeout = meta.timeout();
+        Ok(Client {
+            inner: Arc::new(Inner {
+                meta,
+                ns,
+                blocks: BlockPool::new(timeout),
+                open: Mutex::new(HashMap::new()),
+                timeout,
+            }),
+        })
+    }
+
+    pub fn namespace_info(&self) -> &NamespaceInfo {
+        &self.inner.ns
+    }
+
+    pub fn meta(&self) -> &MetaClient {
+        &self.inner.meta
+    }
+
+    pub fn root_ino(&self) -> u64 {
+        self.inner.ns.root_ino
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.inner.ns.block_size
+    }
+
+    fn ns_id(&self) -> u32 {
+        self.inner.ns.id
+    }
+
+    // ------------------------------------------------------------ paths
+
+    /// Attributes of the file at `path` (absolute within the namespace,
+    /// `/a/b`; empty or `/` is the root). Symlinks are not followed.
+    pub async fn resolve(&self, path: &str) -> FsResult<Attr> {
+        let mut attr = self.getattr(self.root_ino()).await?;
+        for comp in split_path(path)? {
+            if attr.mode & rpc::S_IFMT != rpc::S_IFDIR {
+                return Err(FsError::NotDirectory);
+            }
+            attr = self.lookup(attr.ino, comp.as_bytes()).await?;
+        }
+        Ok(attr)
+    }
+
+    /// The parent directory of `path` and the last component's name, e.g. to
+    /// create `/a/b/new`. Fails with InvalidArgument for the root itself.
+    pub async fn resolve_parent(&self, path: &str) -> FsResult<(Attr, Vec<u8>)> {
+        let mut comps = split_path(path)?;
+        let last = comps
+            .pop()
+            .ok_or_else(|| FsError::InvalidArgument(format!("{path:?} names the root, which has no parent")))?;
+        let parent = self.resolve(&comps.join("/")).await?;
+        if parent.mode & rpc::S_IFMT != rpc::S_IFDIR {
+            return Err(FsError::NotDirectory);
+        }
+        Ok((parent, last.as_bytes().to_vec()))
+    }
+
+    // ------------------------------------------------------------ metadata
+
+    pub async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        check_name(name)?;
+        let req = rpc::LookupRequest {
+            ns: self.ns_id(),
+            parent,
+            name: name.to_vec(),
+        };
+        let reply = self.meta().call(|mut c| {
+            let req = req.clone();
+            async move { c.lookup(req).await }
+        });
+        Ok(self.local_view(attr_of(reply.await?.attr)?))
+    }
+
+    pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let req = rpc::GetAttrRequest { ns: self.ns_id(), ino };
+        let reply = self
+            .meta()
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.get_attr(req).await }
+            })
+            .await?;
+        Ok(self.local_view(attr_of(reply.attr)?))
+    }
+
+    /// One page of a directory listing, after `after` (empty: from the
+    /// start). Returns the entries and whether the listing is complete.
+    pub async fn readdir(&self, ino: u64, after: &[u8], limit: u32, plus: bool) -> FsResult<(Vec<DirEntry>, bool)> {
+        let req = rpc::ReadDirRequest {
+            ns: self.ns_id(),
+            ino,
+            after: after.to_vec(),
+            limit,
+            plus,
+        };
+        let reply = self
+            .meta()
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.read_dir(req).await }
+            })
+            .await?;
+        let mut entries = reply.entries;
+        if plus {
+            for e in &mut entries {
+                if let Some(a) = e.attr.take() {
+                    e.attr = Some(self.local_view(a));
+                }
+            }
+        }
+        Ok((entries, reply.eof))
+    }
+
+    /// The whole directory listing (without `.` and `..`).
+    pub async fn readdir_all(&self, ino: u64, plus: bool) -> FsResult<Vec<DirEntry>> {
+        let mut out: Vec<DirEntry> = Vec::new();
+        loop {
+            let after = out.last().map(|e| e.name.clone()).unwrap_or_default();
+            let (entries, eof) = self.readdir(ino, &after, 1024, plus).await?;
+            let empty = entries.is_empty();
+            out.extend(entries);
+            if eof || empty {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Creates a node of any type (`mode` carries the S_IF* type bits).
+    /// With `exclusive == false` an existing regular file is returned.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn mknod(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        exclusive: bool,
+    ) -> FsResult<Attr> {
+        check_name(name)?;
+        let (ns, name) = (self.ns_id(), name.to_vec());
+        let reply = self
+            .meta()
+            .call_mut(|mut c, hdr| {
+                let req = rpc::MknodRequest {
+                    hdr: Some(hdr),
+                    ns,
+                    parent,
+                    name: name.clone(),
+                    mode,
+                    uid,
+                    gid,
+                    rdev,
+                    exclusive,
+                };
+                async move { c.mknod(req).await }
+            })
+            .await?;
+        Ok(self.local_view(attr_of(reply.attr)?))
+    }
+
+    /// Creates a directory; `mode` is the permission bits.
+    pub async fn mkdir(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> FsResult<Attr> {
+        self.mknod(parent, name, rpc::S_IFDIR | (mode & 0o7777), uid, gid, 0, true)
+            .await
+    }
+
+    /// Creates a regular file; `mode` is the permission bits.
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+    ) -> FsResult<Attr> {
+        self.mknod(parent, name, rpc::S_IFREG | (mode & 0o7777), uid, gid, 0, exclusive)
+            .await
+    }
+
+    pub async fn symlink(&self, parent: u64, name: &[u8], target: &[u8], uid: u32, gid: u32) -> FsResult<Attr> {
+        check_name(name)?;
+        let (ns, name, target) = (self.ns_id(), name.to_vec(), target.to_vec());
+        let reply = self
+            .meta()
+            .call_mut(|mut c, hdr| {
+                let req = rpc::SymlinkRequest {
+                    hdr: Some(hdr),
+                    ns,
+                    parent,
+                    name: name.clone(),
+                    target: target.clone(),
+                    uid,
+                    gid,
+                };
+                async move { c.symlink(req).await }
+            })
+            .await?;
+        attr_of(reply.attr)
+    }
+
+    pub async fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let req = rpc::ReadLinkRequest { ns: self.ns_id(), ino };
+        let reply = self
+            .meta()
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.read_link(req).await }
+            })
+            .await?;
+        Ok(reply.target)
+    }
+
+    /// A new hard link `new_parent/new_name` to `ino`; returns its fresh attrs.
+    pub async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<Attr> {
+        check_name(new_name)?;
+        let (ns, new_name) = (self.ns_id(), new_name.to_vec());
+        let reply = self
+            .meta()
+            .call_mut(|mut c, hdr| {
+                let req = rpc::LinkRequest {
+                    hdr: Some(hdr),
+                    ns,
+                    ino,
+                    new_parent,
+                    new_name: new_name.clone(),
+                };
+                async move { c.link(req).await }
+            })
+            .await?;
+        Ok(self.local_view(attr_of(reply.attr)?))
+    }
+
+    /// Removes a non-directory. If this process still has the file open, its
+    /// data stays readable through the open handles until the last release.
+    pub async fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<rpc::UnlinkReply> {
+        check_name(name)?;
+        let keep_if_open = self.has_open_files();
+        let (ns, name) = (self.ns_id(), name.to_vec());
+        let reply = self
+            .meta()
+            .call_mut(|mut c, hdr| {
+                let req = rpc::UnlinkRequest {
+                    hdr: Some(hdr),
+                    ns,
+                    parent,
+                    name: name.clone(),
+                    keep_if_open,
+                };
+                async move { c.unlink(req).await }
+            })
+            .await?;
+        if reply.orphaned {
+            self.orphaned(reply.ino).await;
+        }
+        Ok(reply)
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        check_name(name)?;
+        let (ns, name) = (self.ns_id(), name.to_vec());
+        self.meta()
+            .call_mut(|mut c, hdr| {
+                let req = rpc::RmdirRequest {
+                    hdr: Some(hdr),
+                    ns,
+                    parent,
+                    name: name.clone(),
+                };
+                async move { c.rmdir(req).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Renames `parent/name` to `new_parent/new_name`; `flags` is 0,
+    /// [`RENAME_NOREPLACE`] or [`RENAME_EXCHANGE`].
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        flags: u32,
+    ) -> FsResult<rpc::RenameReply> {
+        check_name(name)?;
+        check_name(new_name)?;
+        let keep_if_open = self.has_open_files();
+        let (ns, name, new_name) = (self.ns_id(), name.to_vec(), new_name.to_vec());
+        let reply = self
+            .meta()
+            .call_mut(|mut c, hdr| {
+                let req = rpc::RenameRequest {
+                    hdr: Some(hdr),
+                    ns,
+                    parent,
+                    name: name.clone(),
+                    new_parent,
+                    new_name: new_name.clone(),
+                    flags,
+                    keep_if_open,
+                };
+                async move { c.rename(req).await }
+            })
+            .await?;
+        if reply.orphaned {
+            self.orphaned(reply.replaced_ino).await;
+        }
+        Ok(reply)
+    }
+
+    /// chmod, chown, truncate, utimens. A size change first flushes what this
+    /// process has buffered for the file.
+    pub async fn setattr(&self, ino: u64, args: SetAttrArgs) -> FsResult<Attr> {
+        let open = self.open_inode(ino);
+        if let Some(f) = &open {
+            // Unflushed data must land first: a truncate must cut it, and a
+            // commit after an explicit mtime (cp -p, tar) would overwrite it.
+            if args.size.is_some() || f.local_size().is_some() {
+                f.flush(self).await?;
+            }
+        }
+        let ns = self.ns_id();
+        let reply = self
+            .meta()
+            .call_mut(|mut c, hdr| {
+                let req = rpc::SetAttrRequest {
+                    hdr: Some(hdr),
+                    ns,
+                    ino,
+                    mode: args.mode,
+                    uid: args.uid,
+                    gid: args.gid,
+                    size: args.size,
+                    atime: match &args.atime {
+                        Some(TimeArg::At(t)) => Some(*t),
+                        _ => None,
+                    },
+                    mtime: match &args.mtime {
+                        Some(TimeArg::At(t)) => Some(*t),
+                        _ => None,
+                    },
+                    atime_now: args.atime == Some(TimeArg::Now),
+                    mtime_now: args.mtime == Some(TimeArg::Now),
+                    ctime: args.ctime,
+                };
+                async move { c.set_attr(req).await }
+            })
+            .await?;
+        let attr = attr_of(reply.attr)?;
+        if let (Some(f), Some(_)) = (&open, args.size) {
+            f.truncated(attr.size);
+        }
+        Ok(self.local_view(attr))
+    }
+
+    /// `flags`: 0, [`XATTR_CREATE`] or [`XATTR_REPLACE`].
+    pub async fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: u32) -> FsResult<Attr> {
+        let (ns, name, value) = (self.ns_id(), name.to_vec(), value.to_vec());
+        let reply = self
+            .meta()
+            .call_mut(|mut c, hdr| {
+                let req = rpc::SetXattrRequest {
+                    hdr: Some(hdr),
+                    ns,
+                    ino,
+                    name: name.clone(),
+                    value: value.clone(),
+                    flags,
+                };
+                async move { c.set_xattr(req).await }
+            })
+            .await?;
+        Ok(self.local_view(attr_of(reply.attr)?))
+    }
+
+    pub async fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        let req = rpc::GetXattrRequest {
+            ns: self.ns_id(),
+            ino,
+            name: name.to_vec(),
+        };
+        let reply = self
+            .meta()
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.get_xattr(req).await }
+            })
+            .await?;
+        Ok(reply.value)
+    }
+
+    pub async fn listxattr(&self, ino: u64) -> FsResult<Vec<Vec<u8>>> {
+        let req = rpc::ListXattrRequest { ns: self.ns_id(), ino };
+        let reply = self
+            .meta()
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.list_xattr(req).await }
+            })
+            .await?;
+        Ok(reply.names)
+    }
+
+    pub async fn removexattr(&self, ino: u64, name: &[u8]) -> FsResult<Attr> {
+        let (ns, name) = (self.ns_id(), name.to_vec());
+        let reply = self
+            .meta()
+            .call_mut(|mut c, hdr| {
+                let req = rpc::RemoveXattrRequest {
+                    hdr: Some(hdr),
+                    ns,
+                    ino,
+                    name: name.clone(),
+                };
+                async move { c.remove_xattr(req).await }
+            })
+            .await?;
+        Ok(self.local_view(attr_of(reply.attr)?))
+    }
+
+    pub async fn statfs(&self) -> FsResult<StatFsReply> {
+        let req = rpc::StatFsRequest { ns: self.ns_id() };
+        self.meta()
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.stat_fs(req).await }
+            })
+            .await
+    }
+
+    // ------------------------------------------------------------ file data
+
+    /// Opens a regular file for reading and writing. The block map is read
+    /// now (close-to-open: what was committed before this call is seen).
+    pub async fn open_file(&self, ino: u64) -> FsResult<FileHandle> {
+        file::open(self, ino).await
+    }
+
+    /// Opens a file just returned by [`Client::create`]/[`Client::mknod`]:
+    /// an empty file has no block map to fetch, which saves a round trip.
+    pub async fn open_created(&self, attr: &Attr) -> FsResult<FileHandle> {
+        file::open_with(self, attr).await
+    }
+
+    /// The size of `ino` as this process sees it, if it differs from the
+    /// committed one because of unflushed writes through this process.
+    pub fn local_size(&self, ino: u64) -> Option<u64> {
+        self.open_inode(ino).and_then(|f| f.local_size())
+    }
+
+    /// Flushes every open file (e.g. before unmounting).
+    pub async fn flush_all(&self) -> FsResult<()> {
+        let files: Vec<Arc<OpenInode>> = lock(&self.inner.open).values().cloned().collect();
+        let mut first_err = None;
+        for f in files {
+            if let Err(e) = f.flush(self).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    // ------------------------------------------------------------ internals
+
+    fn local_view(&self, mut attr: Attr) -> Attr {
+        if attr.mode & rpc::S_IFMT == rpc::S_IFREG {
+            if let Some(size) = self.local_size(attr.ino) {
+                attr.size = size;
+            }
+        }
+        attr
+    }
+
+    fn open_inode(&self, ino: u64) -> Option<Arc<OpenInode>> {
+        lock(&self.inner.open).get(&ino).cloned()
+    }
+
+    fn has_open_files(&self) -> bool {
+        !lock(&self.inner.open).is_empty()
+    }
+
+    /// The server kept `ino` as an orphan because we might have it open: mark
+    /// it for release at last close, or release it now if it is not open here.
+    async fn orphaned(&self, ino: u64) {
+        let open_here = {
+            let open = lock(&self.inner.open);
+            match open.get(&ino) {
+                Some(f) => {
+                    f.set_orphan();
+                    true
+                }
+                None => false,
+            }
+        };
+        if !open_here {
+            self.release_orphan(ino).await;
+        }
+    }
+
+    async fn release_orphan(&self, ino: u64) {
+        let ns = self.ns_id();
+        let res = self
+            .meta()
+            .call_mut(|mut c, hdr| {
+                let req = rpc::ReleaseOrphanRequest {
+                    hdr: Some(hdr),
+                    ns,
+                    ino,
+                };
+                async move { c.release_orphan(req).await }
+            })
+            .await;
+        if let Err(e) = res {
+            // The inode stays allocated on metad; not a user-visible error.
+            tracing::warn!(ino, error = %e, "could not release an unlinked file's data; metad keeps it as an orphan");
+        }
+    }
+}
+
+/// Locks a std mutex, ignoring poisoning (a panicked holder left plain data).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn attr_of(a: Option<Attr>) -> FsResult<Attr> {
+    a.ok_or_else(|| FsError::Internal("metad reply carries no attributes".into()))
+}
+
+/// Validates one name component: not empty, no `/` or NUL, at most 255 bytes.
+pub fn check_name(name: &[u8]) -> FsResult<()> {
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        return Err(FsError::InvalidArgument(format!(
+            "{:?} is not a valid file name",
+            String::from_utf8_lossy(name)
+        )));
+    }
+    Ok(())
+}
+
+/// `/a//b/` → ["a", "b"]; `.` components are skipped, `..` is refused
+/// (paths are resolved on the server side without a parent walk).
+fn split_path(path: &str) -> FsResult<Vec<&str>> {
+    let mut out = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                return Err(FsError::InvalidArgument(format!(
+                    "path {path:?} contains `..`; give a plain path"
+                )))
+            }
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_split() {
+        assert_eq!(split_path("/").unwrap(), Vec::<&str>::new());
+        assert_eq!(split_path("").unwrap(), Vec::<&str>::new());
+        assert_eq!(split_path("/a//b/./c/").unwrap(), vec!["a", "b", "c"]);
+        assert!(split_path("/a/../b").is_err());
+    }
+
+    #[test]
+    fn names_checked() {
+        assert!(check_name(b"ok").is_ok());
+        assert_eq!(check_name(&[b'x'; 256]), Err(FsError::NameTooLong));
+        assert!(check_name(&[b'x'; 255]).is_ok());
+        assert!(matches!(check_name(b"a/b"), Err(FsError::InvalidArgument(_))));
+        assert!(matches!(check_name(b""), Err(FsError::InvalidArgument(_))));
+    }
+}
+
+/// The CLI spawns these futures on a multi-threaded runtime: keep them Send.
+#[allow(dead_code)]
+fn _futures_are_send(c: Client, h: FileHandle) {
+    fn is_send<T: Send>(_: T) {}
+    is_send(c.resolve("/"));
+    is_send(c.setattr(1, SetAttrArgs::default()));
+    is_send(c.open_file(1));
+    is_send(c.unlink(1, b"x"));
+    is_send(h.read_at(0, 1));
+    is_send(h.write_at(0, b"x"));
+    is_send(h.release());
+    is_send(c.flush_all());
+}

@@ -1,1 +1,1217 @@
+//! Harness for the jfs integration tests: real daemons, real FUSE mounts.
+//!
+//! [`Cluster::start`] runs `jfs local up` on a loopback address of its own
+//! (127.<a>.<b>.1, reserved with a lock file so parallel tests and parallel
+//! test runs never collide), in a temporary state directory, and mounts the
+//! `default` namespace. Dropping the cluster runs `jfs local down` and then
+//! makes sure, even after a panic, that no mount and no daemon is left behind.
+//!
+//! Everything waits on conditions with deadlines ([`wait_until`]), never on
+//! fixed sleeps, so the suite holds on a loaded 2-core machine. Every command
+//! runs under a timeout, and a watchdog aborts a cluster's FUSE connections if
+//! a test outlives its budget, so a hung mount fails the test instead of
+//! hanging CI.
+//!
+//! The daemons are found next to the test executable (cargo puts tests in
+//! `target/release/deps/` and binaries in `target/release/`), or in
+//! `$JFS_BIN_DIR`. `cargo test` does not build other packages' binaries:
+//! run `cargo build --release --workspace` first (scripts/test.sh does).
 
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsStr};
+use std::fmt::Debug;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Default block size of a namespace (DESIGN §6); tests probe its edges.
+pub const BLOCK_SIZE: u64 = 4 << 20;
+pub const MIB: u64 = 1 << 20;
+
+/// Default timeout for one shell command run by a test.
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long one cluster may live before the watchdog aborts its mounts.
+/// `JFS_TEST_WATCHDOG_SECS` overrides it.
+const WATCHDOG_DEFAULT: Duration = Duration::from_secs(900);
+
+/// Where logs of failed tests are copied, so they survive the cleanup.
+pub const FAILURE_LOG_DIR: &str = "/tmp/jfs-test-failures";
+
+/// Where loopback address reservations live (one flock'ed file per address).
+const IP_LOCK_DIR: &str = "/tmp/jfs-test-ips";
+
+// ------------------------------------------------------------------ binaries
+
+/// Directory holding jfs, jfs-metad, jfs-blockd and jfs-mountd.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("JFS_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("cannot find the path of the test executable");
+    // target/release/deps/<test>-<hash>  ->  target/release
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .expect("test executable has no grandparent directory; set JFS_BIN_DIR")
+}
+
+/// Path of one jfs binary; panics with the fix if it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} does not exist. `cargo test` does not build the daemons of other packages: run \
+         `cargo build --release --workspace` first (scripts/test.sh does), or point JFS_BIN_DIR at them",
+        p.display()
+    );
+    p
+}
+
+// ------------------------------------------------------------------ waiting
+
+/// Polls `f` until it returns `Ok`, or panics after `timeout` with `what` and
+/// the last error. Backs off from 10 ms to 200 ms between polls.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(10);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) => {
+                if start.elapsed() >= timeout {
+                    panic!("timed out after {timeout:?} waiting for {what}; last state: {e}");
+                }
+            }
+        }
+        thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// [`wait_until`] for a plain condition.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    wait_until(what, timeout, || {
+        if cond() {
+            Ok(())
+        } else {
+            Err("condition still false".into())
+        }
+    })
+}
+
+// ------------------------------------------------------------------ commands
+
+/// Output of a finished command, with text already decoded.
+#[derive(Debug, Clone)]
+pub struct CmdOut {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CmdOut {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+    /// A multi-line description for failure messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `cmd` to completion with a timeout, capturing its output in
+/// anonymous files (not pipes: a daemon started by the command may inherit
+/// them and would keep a pipe open forever). On timeout the command's whole
+/// process group is killed and an error is returned.
+pub fn run_cmd(cmd: &mut Command, timeout: Duration) -> Result<CmdOut, String> {
+    let out = tempfile::tempfile().map_err(|e| format!("cannot create a temp file: {e}"))?;
+    let err = tempfile::tempfile().map_err(|e| format!("cannot create a temp file: {e}"))?;
+    let clone = |f: &File| f.try_clone().map_err(|e| format!("cannot dup a temp file: {e}"));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::from(clone(&out)?))
+        .stderr(Stdio::from(clone(&err)?))
+        .process_group(0);
+    let desc = format!("{cmd:?}");
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start {desc}: {e}"))?;
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(2);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) => {}
+            Err(e) => return Err(format!("cannot wait for {desc}: {e}")),
+        }
+        if start.elapsed() > timeout {
+            // SAFETY: plain syscall; the group id is the child's pid (process_group(0)).
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            let (o, e) = (read_all(out), read_all(err));
+            return Err(format!(
+                "{desc} did not finish within {timeout:?} and was killed\n--- stdout ---\n{o}\n--- stderr ---\n{e}"
+            ));
+        }
+        thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    };
+    Ok(CmdOut {
+        status,
+        stdout: read_all(out),
+        stderr: read_all(err),
+    })
+}
+
+fn read_all(mut f: File) -> String {
+    let mut buf = Vec::new();
+    let _ = f.rewind();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Runs a bash script (with `set -euo pipefail`) in `dir`; returns its result
+/// without judging it.
+pub fn sh_result(dir: &Path, script: &str, timeout: Duration) -> CmdOut {
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(format!("set -euo pipefail\n{script}"))
+        .current_dir(dir);
+    run_cmd(&mut cmd, timeout).unwrap_or_else(|e| panic!("in {}: {e}\nscript:\n{script}", dir.display()))
+}
+
+/// Runs a bash script in `dir` and returns its stdout; panics with the script,
+/// its exit status, stdout and stderr if it fails.
+pub fn sh(dir: &Path, script: &str) -> String {
+    let out = sh_result(dir, script, CMD_TIMEOUT);
+    assert!(
+        out.success(),
+        "script failed in {}:\n{script}\n{}",
+        dir.display(),
+        out.describe()
+    );
+    out.stdout
+}
+
+/// Runs the same script in two fresh directories and asserts both succeed
+/// with identical output. Scripts must use relative paths only.
+pub fn assert_same_output(local: &Path, mounted: &Path, script: &str) -> String {
+    let a = sh_result(local, script, CMD_TIMEOUT);
+    let b = sh_result(mounted, script, CMD_TIMEOUT);
+    assert!(
+        a.success(),
+        "script failed on the LOCAL disk ({}):\n{script}\n{}",
+        local.display(),
+        a.describe()
+    );
+    assert!(
+        b.success(),
+        "script failed on jfs ({}) but worked locally:\n{script}\n{}",
+        mounted.display(),
+        b.describe()
+    );
+    if a.stdout != b.stdout {
+        panic!(
+            "jfs and a local disk disagree for:\n{script}\n{}\n--- local stdout ---\n{}\n--- jfs stdout ---\n{}\n--- jfs stderr ---\n{}",
+            first_diff_line(&a.stdout, &b.stdout),
+            a.stdout,
+            b.stdout,
+            b.stderr
+        );
+    }
+    b.stdout
+}
+
+fn first_diff_line(a: &str, b: &str) -> String {
+    let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    for i in 0..la.len().max(lb.len()) {
+        let (x, y) = (
+            la.get(i).copied().unwrap_or("<none>"),
+            lb.get(i).copied().unwrap_or("<none>"),
+        );
+        if x != y {
+            return format!("first difference at line {}:\n  local: {x}\n  jfs:   {y}", i + 1);
+        }
+    }
+    "outputs differ only in trailing whitespace".into()
+}
+
+// ------------------------------------------------------------------ mounts
+
+/// Mount points currently listed in /proc/self/mountinfo, with their
+/// "major:minor" device (the minor of a FUSE mount is its connection id).
+pub fn mounts() -> Vec<(PathBuf, String)> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            Some((PathBuf::from(unescape_mountinfo(f.get(4)?)), f.get(2)?.to_string()))
+        })
+        .collect()
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    // mountinfo escapes space, tab, newline and backslash as \ooo.
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push(((b[i + 1] - b'0') << 6) | ((b[i + 2] - b'0') << 3) | (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    mounts().iter().any(|(p, _)| p == path)
+}
+
+/// Mount points at or below `root`, deepest first.
+pub fn mounts_under(root: &Path) -> Vec<(PathBuf, String)> {
+    let mut v: Vec<_> = mounts().into_iter().filter(|(p, _)| p.starts_with(root)).collect();
+    v.sort_by_key(|(p, _)| std::cmp::Reverse(p.as_os_str().len()));
+    v
+}
+
+/// Aborts the FUSE connection behind a mount (all pending and future requests
+/// fail with ENOTCONN), so a process stuck on a dead daemon gets unstuck.
+fn abort_fuse_connection(dev: &str) {
+    let Some(minor) = dev.split(':').nth(1) else { return };
+    let ctl = Path::new("/sys/fs/fuse/connections");
+    if !ctl.join(minor).exists() {
+        // fusectl is not always mounted; mounting it is harmless and lets us abort.
+        let _ = run_cmd(
+            Command::new("mount").args(["-t", "fusectl", "none"]).arg(ctl),
+            Duration::from_secs(10),
+        );
+    }
+    let _ = fs::write(ctl.join(minor).join("abort"), "1");
+}
+
+/// Detaches a mount without waiting for its daemon (`umount -l`).
+pub fn lazy_unmount(path: &Path) {
+    let _ = run_cmd(Command::new("umount").arg("-l").arg(path), Duration::from_secs(30));
+}
+
+// ------------------------------------------------------------------ processes
+
+pub fn pid_alive(pid: i32) -> bool {
+    // A zombie still has a /proc entry but is dead for our purposes.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+pub fn pid_cmdline(pid: i32) -> String {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// Pids of processes whose command line mentions `needle`.
+pub fn pids_mentioning(needle: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(rd) = fs::read_dir("/proc") else { return vec![] };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| p != me && pid_alive(p) && pid_cmdline(p).contains(needle))
+        .collect()
+}
+
+fn kill9(pid: i32) {
+    // SAFETY: plain syscall on a pid we started (checked by callers).
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+// ------------------------------------------------------------------ addresses
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Picks a loopback address no other test (in this or another process) is
+/// using: reserves it with an flock'ed file held for the cluster's life and
+/// checks that every port of the local-cluster layout is free on it.
+fn reserve_ip() -> (String, File) {
+    let _ = fs::create_dir_all(IP_LOCK_DIR);
+    let _ = fs::set_permissions(IP_LOCK_DIR, fs::Permissions::from_mode(0o1777));
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut x = nanos ^ ((std::process::id() as u64) << 32) ^ (COUNTER.fetch_add(1, Ordering::Relaxed) as u64 * 0x9E37);
+    for _ in 0..1000 {
+        x = splitmix(x);
+        // Stay clear of 127.0.x.x, where the default local cluster lives.
+        let a = 10 + (x % 240) as u8;
+        let b = ((x >> 8) % 256) as u8;
+        let ip = format!("127.{a}.{b}.1");
+        let Ok(f) = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(Path::new(IP_LOCK_DIR).join(&ip))
+        else {
+            continue;
+        };
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue;
+        }
+        let ports = [8101, 8103, 8104, 8111, 8113, 8114, 8121, 8123, 8124, 8201, 8211, 8221];
+        if ports
+            .iter()
+            .all(|p| std::net::TcpListener::bind((ip.as_str(), *p)).is_ok())
+        {
+            return (ip, f);
+        }
+    }
+    panic!("could not find a free loopback address 127.x.y.1 after 1000 tries");
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E3779B97F4A7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+    z ^ (z >> 31)
+}
+
+// ------------------------------------------------------------------ cluster
+
+/// A local jfs cluster (3 metad, 3 blockd) with namespace `default` mounted.
+pub struct Cluster {
+    /// Name of the test that started it (used in paths and messages).
+    pub name: String,
+    /// Temporary directory holding everything below.
+    pub root: PathBuf,
+    /// `jfs local up --dir` state: jfs.toml, data, logs/, run/.
+    pub state: PathBuf,
+    /// Where `default` is mounted.
+    pub mnt: PathBuf,
+    /// A directory on the local disk, for comparing against jfs.
+    pub local: PathBuf,
+    /// The loopback address every daemon of this cluster listens on.
+    pub ip: String,
+    /// How long the first `jfs local up` took until the mount was usable.
+    pub startup: Duration,
+    _ip_lock: File,
+    watchdog: Option<mpsc::Sender<()>>,
+    extra: AtomicU32,
+}
+
+impl Cluster {
+    /// Starts a fresh cluster and waits until its mount is usable.
+    pub fn start() -> Cluster {
+        let name = test_name();
+        let base = std::env::var_os("JFS_TEST_TMPDIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+        let root = tempfile::Builder::new()
+            .prefix(&format!("jfs-test-{name}-"))
+            .tempdir_in(&base)
+            .unwrap_or_else(|e| panic!("cannot create a temp dir in {}: {e}", base.display()))
+            .keep();
+        // Other users (EACCES tests run as nobody) must be able to reach the mounts.
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
+        let (state, mnt, local) = (root.join("state"), root.join("mnt"), root.join("local"));
+        for d in [&state, &mnt, &local] {
+            fs::create_dir_all(d).expect("create test dirs");
+        }
+        let (ip, lock) = reserve_ip();
+        let mut c = Cluster {
+            name,
+            root,
+            state,
+            mnt,
+            local,
+            ip,
+            startup: Duration::ZERO,
+            _ip_lock: lock,
+            watchdog: None,
+            extra: AtomicU32::new(0),
+        };
+        c.watchdog = Some(start_watchdog(c.name.clone(), c.root.clone(), c.state.clone()));
+        let t0 = Instant::now();
+        c.local_up();
+        c.startup = t0.elapsed();
+        c
+    }
+
+    /// Path of the cluster's config file.
+    pub fn conf(&self) -> PathBuf {
+        self.state.join("jfs.toml")
+    }
+
+    /// A path inside the mount.
+    pub fn path(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// Runs the jfs CLI with a timeout; does not judge the result.
+    pub fn jfs(&self, args: &[&str]) -> CmdOut {
+        let mut cmd = Command::new(bin("jfs"));
+        cmd.args(args).current_dir(&self.root).env("RUST_BACKTRACE", "1");
+        run_cmd(&mut cmd, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{e}{}", self.log_tails()))
+    }
+
+    /// Runs the jfs CLI and returns stdout; panics with its output and the
+    /// daemons' log tails if it fails.
+    pub fn jfs_ok(&self, args: &[&str]) -> String {
+        let out = self.jfs(args);
+        assert!(
+            out.success(),
+            "`jfs {}` failed:\n{}{}",
+            args.join(" "),
+            out.describe(),
+            self.log_tails()
+        );
+        out.stdout
+    }
+
+    /// `jfs local up` for this cluster (start what is not running, mount if
+    /// not mounted), then waits until the mount is usable.
+    pub fn local_up(&self) {
+        let (state, mnt) = (s(&self.state), s(&self.mnt));
+        self.jfs_ok(&["local", "up", "--dir", &state, "--ip", &self.ip, &mnt]);
+        self.wait_usable(Duration::from_secs(60));
+    }
+
+    /// `jfs local down`; asserts it succeeded and left no mount.
+    pub fn local_down(&self) {
+        self.jfs_ok(&["local", "down", "--dir", &s(&self.state)]);
+        assert!(
+            !is_mounted(&self.mnt),
+            "`jfs local down` returned but {} is still mounted",
+            self.mnt.display()
+        );
+    }
+
+    /// Waits until a file can be created, written, read back and removed at
+    /// the root of the mount.
+    pub fn wait_usable(&self, timeout: Duration) {
+        wait_mount_usable(&self.mnt, timeout, &|| self.log_tails());
+    }
+
+    /// Runs a bash script inside the mount; panics on failure (with log tails).
+    pub fn sh(&self, script: &str) -> String {
+        let out = sh_result(&self.mnt, script, CMD_TIMEOUT);
+        assert!(
+            out.success(),
+            "script failed on the jfs mount:\n{script}\n{}{}",
+            out.describe(),
+            self.log_tails()
+        );
+        out.stdout
+    }
+
+    /// Fresh empty directories `<local>/<name>` and `<mnt>/<name>` for a
+    /// local-versus-jfs comparison.
+    pub fn twin_dirs(&self, name: &str) -> (PathBuf, PathBuf) {
+        let (a, b) = (self.local.join(name), self.mnt.join(name));
+        fs::create_dir(&a).unwrap_or_else(|e| panic!("mkdir {}: {e}", a.display()));
+        fs::create_dir(&b).unwrap_or_else(|e| panic!("mkdir {} on jfs: {e}{}", b.display(), self.log_tails()));
+        (a, b)
+    }
+
+    // -------------------------------------------------------------- daemons
+
+    /// Names of the daemons with a pid file in STATE/run (e.g. metad1, blockd2).
+    pub fn daemon_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.state.join("run"))
+            .map(|rd| {
+                rd.filter_map(|e| {
+                    let n = e.ok()?.file_name().to_str()?.to_string();
+                    n.strip_suffix(".pid").map(str::to_string)
+                })
+                .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Pid recorded in STATE/run/<name>.pid.
+    pub fn pid(&self, name: &str) -> Option<i32> {
+        fs::read_to_string(self.state.join("run").join(format!("{name}.pid")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Pid of a live daemon; panics if it has no pid file or is not running.
+    pub fn live_pid(&self, name: &str) -> i32 {
+        let pid = self.pid(name).unwrap_or_else(|| {
+            panic!(
+                "no pid file {}/run/{name}.pid (have: {:?})",
+                self.state.display(),
+                self.daemon_names()
+            )
+        });
+        assert!(
+            pid_alive(pid),
+            "daemon {name} (pid {pid}) is not running{}",
+            self.log_tails()
+        );
+        pid
+    }
+
+    /// `kill -9` one daemon and wait until it is gone.
+    pub fn kill9(&self, name: &str) {
+        let pid = self.live_pid(name);
+        kill9(pid);
+        wait_for(
+            &format!("{name} (pid {pid}) to die after SIGKILL"),
+            Duration::from_secs(10),
+            || !pid_alive(pid),
+        );
+    }
+
+    /// Sends a signal (e.g. SIGSTOP/SIGCONT) to a daemon.
+    pub fn signal(&self, name: &str, sig: i32) {
+        let pid = self.live_pid(name);
+        // SAFETY: plain syscall on a daemon of this cluster.
+        unsafe { libc::kill(pid, sig) };
+    }
+
+    /// metad1..3 and blockd1..3 as named by their pid files.
+    pub fn server_names(&self) -> Vec<String> {
+        let v: Vec<String> = self
+            .daemon_names()
+            .into_iter()
+            .filter(|n| n.starts_with("metad") || n.starts_with("blockd"))
+            .collect();
+        assert_eq!(
+            v.len(),
+            6,
+            "expected pid files for 3 metad and 3 blockd in {}/run, found {v:?}",
+            self.state.display()
+        );
+        v
+    }
+
+    /// Pid of the jfs-mountd serving this cluster's main mount, found by its
+    /// command line (it daemonizes, so it has no pid file).
+    pub fn mountd_pid(&self) -> Option<i32> {
+        let mnt = s(&self.mnt);
+        pids_mentioning(&mnt).into_iter().find(|&p| {
+            let cl = pid_cmdline(p);
+            cl.contains("jfs-mountd") && cl.split(' ').any(|a| a == mnt)
+        })
+    }
+
+    /// Index (1..=3) of the metad that `jfs metastatus` reports as leader.
+    pub fn leader_index(&self) -> Option<usize> {
+        let out = self.jfs(&["metastatus", "--dir", &s(&self.state)]);
+        if !out.success() {
+            return None;
+        }
+        let line = out.stdout.lines().find(|l| is_leader_line(l))?;
+        (1..=3).find(|i| line.contains(&format!("{}:{}", self.ip, 8101 + 10 * (i - 1))))
+    }
+
+    // -------------------------------------------------------------- more mounts
+
+    /// Mounts namespace `default` a second time (a separate jfs-mountd with
+    /// its own caches), with extra `-o` options if `opts` is not empty.
+    pub fn mount_second(&self, opts: &str) -> Mount {
+        let n = self.extra.fetch_add(1, Ordering::Relaxed) + 2;
+        let path = self.root.join(format!("mnt{n}"));
+        fs::create_dir_all(&path).expect("create second mount point");
+        let log_path = self.root.join(format!("mountd-mnt{n}.log"));
+        let log = File::create(&log_path).expect("create mountd log");
+        let mut cmd = Command::new(bin("jfs-mountd"));
+        cmd.arg("--conf").arg(self.conf());
+        if !opts.is_empty() {
+            cmd.arg("-o").arg(opts);
+        }
+        cmd.arg("-f").arg("default").arg(&path);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("dup log")))
+            .stderr(Stdio::from(log))
+            .env("RUST_BACKTRACE", "1")
+            .process_group(0);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let mut m = Mount {
+            path: path.clone(),
+            child: Some(child),
+            log: log_path,
+        };
+        let mlog = m.log.clone();
+        wait_until(
+            &format!("second mount at {} to appear", path.display()),
+            Duration::from_secs(30),
+            || {
+                if let Some(c) = m.child.as_mut() {
+                    if let Ok(Some(st)) = c.try_wait() {
+                        panic!(
+                            "jfs-mountd for {} exited with {st} before mounting; its log:\n{}",
+                            path.display(),
+                            fs::read_to_string(&mlog).unwrap_or_default()
+                        );
+                    }
+                }
+                if is_mounted(&path) {
+                    Ok(())
+                } else {
+                    Err("not in /proc/self/mountinfo yet".into())
+                }
+            },
+        );
+        wait_mount_usable(&path, Duration::from_secs(30), &|| {
+            fs::read_to_string(&mlog).unwrap_or_default()
+        });
+        m
+    }
+
+    /// Last lines of every daemon log, for failure messages.
+    pub fn log_tails(&self) -> String {
+        log_tails(&self.state.join("logs"), 25)
+    }
+}
+
+/// Whether a line of `jfs metastatus` output is the row of the leader node
+/// (its ROLE column reads `leader`; the `--detail` header's LEADER is upper case).
+pub fn is_leader_line(line: &str) -> bool {
+    line.split_whitespace().any(|w| w == "leader")
+}
+
+/// A second mount of a cluster's namespace; unmounted on drop.
+pub struct Mount {
+    pub path: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Mount {
+    pub fn path(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.path.join(rel)
+    }
+
+    /// Unmounts with `umount` and asserts the daemon exits cleanly.
+    pub fn unmount(mut self) {
+        let out =
+            run_cmd(Command::new("umount").arg(&self.path), Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            out.success(),
+            "umount {} failed:\n{}",
+            self.path.display(),
+            out.describe()
+        );
+        let mut child = self.child.take().expect("mount has a daemon");
+        let st = wait_until(
+            "jfs-mountd to exit after umount",
+            Duration::from_secs(20),
+            || match child.try_wait() {
+                Ok(Some(st)) => Ok(st),
+                Ok(None) => Err("still running".into()),
+                Err(e) => Err(e.to_string()),
+            },
+        );
+        assert!(
+            st.success(),
+            "jfs-mountd exited with {st} after umount; log:\n{}",
+            self.log_text()
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        if thread::panicking() {
+            eprintln!(
+                "---- log of jfs-mountd for {} ----\n{}",
+                self.path.display(),
+                tail(&self.log_text(), 40)
+            );
+        }
+        if is_mounted(&self.path) {
+            let _ = run_cmd(Command::new("umount").arg(&self.path), Duration::from_secs(20));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            thread::sleep(Duration::from_millis(50));
+        }
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if is_mounted(&self.path) {
+            lazy_unmount(&self.path);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let failed = thread::panicking();
+        if failed {
+            eprintln!(
+                "==== test {} failed; cluster state in {} ====",
+                self.name,
+                self.state.display()
+            );
+            eprintln!("{}", self.log_tails());
+            save_failure_logs(&self.name, &self.root);
+        }
+        // Stop the watchdog: dropping the sender wakes it up.
+        self.watchdog.take();
+        // Graceful stop first: it is what users run.
+        let mut down = Command::new(bin_dir().join("jfs"));
+        down.args(["local", "down", "--dir"]).arg(&self.state).current_dir("/");
+        match run_cmd(&mut down, Duration::from_secs(60)) {
+            Ok(o) if o.success() => {}
+            Ok(o) => eprintln!("cleanup: `jfs local down` failed:\n{}", o.describe()),
+            Err(e) => eprintln!("cleanup: {e}"),
+        }
+        // Then make sure: no mount and no daemon of ours is left.
+        for (p, dev) in mounts_under(&self.root) {
+            eprintln!(
+                "cleanup: {} still mounted after `jfs local down`; aborting and detaching it",
+                p.display()
+            );
+            abort_fuse_connection(&dev);
+            lazy_unmount(&p);
+        }
+        let needle = self.state.to_string_lossy().into_owned();
+        for pid in pids_mentioning(&needle) {
+            eprintln!(
+                "cleanup: pid {pid} ({}) outlived `jfs local down`; killing it",
+                pid_cmdline(pid)
+            );
+            kill9(pid);
+        }
+        for name in self.daemon_names() {
+            if let Some(pid) = self.pid(&name) {
+                let cmdline = pid_cmdline(pid);
+                if pid_alive(pid) && cmdline.contains("jfs") {
+                    eprintln!("cleanup: {name} (pid {pid}) outlived `jfs local down`; killing it");
+                    kill9(pid);
+                }
+            }
+        }
+        if !mounts_under(&self.root).is_empty() {
+            eprintln!("cleanup: mounts remain under {}; not deleting it", self.root.display());
+        } else if failed && std::env::var_os("JFS_TEST_KEEP").is_some() {
+            eprintln!("JFS_TEST_KEEP is set: kept {}", self.root.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+fn wait_mount_usable(mnt: &Path, timeout: Duration, context: &dyn Fn() -> String) {
+    let probe = mnt.join(format!(".jfs-test-probe-{}", std::process::id()));
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < timeout {
+        if !is_mounted(mnt) {
+            last = "not mounted".into();
+        } else {
+            let r = (|| -> io::Result<()> {
+                fs::write(&probe, b"probe")?;
+                let back = fs::read(&probe)?;
+                fs::remove_file(&probe)?;
+                if back != b"probe" {
+                    return Err(io::Error::other(format!("read back {back:?}")));
+                }
+                Ok(())
+            })();
+            match r {
+                Ok(()) => return,
+                Err(e) => last = format!("probe file: {e}"),
+            }
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "mount {} not usable after {timeout:?}: {last}{}",
+        mnt.display(),
+        context()
+    );
+}
+
+fn start_watchdog(name: String, root: PathBuf, state: PathBuf) -> mpsc::Sender<()> {
+    let limit = std::env::var("JFS_TEST_WATCHDOG_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(WATCHDOG_DEFAULT);
+    let (tx, rx) = mpsc::channel::<()>();
+    thread::spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            eprintln!(
+                "WATCHDOG: test {name} still running after {limit:?}; aborting its FUSE mounts so it fails \
+                 instead of hanging. Logs:\n{}",
+                log_tails(&state.join("logs"), 25)
+            );
+            for (_, dev) in mounts_under(&root) {
+                abort_fuse_connection(&dev);
+            }
+        }
+    });
+    tx
+}
+
+fn test_name() -> String {
+    let t = thread::current();
+    let raw = t.name().unwrap_or("test");
+    let last = raw.rsplit("::").next().unwrap_or(raw);
+    let clean: String = last
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '-' })
+        .collect();
+    clean.chars().take(40).collect()
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Last `n` lines of every `*.log` in `dir`.
+pub fn log_tails(dir: &Path, n: usize) -> String {
+    let mut out = String::new();
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.sort();
+    for f in files {
+        let text = fs::read_to_string(&f).unwrap_or_default();
+        out.push_str(&format!(
+            "\n---- last {n} lines of {} ----\n{}\n",
+            f.display(),
+            tail(&text, n)
+        ));
+    }
+    out
+}
+
+fn save_failure_logs(name: &str, root: &Path) {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let dest = Path::new(FAILURE_LOG_DIR).join(format!("{name}-{stamp}"));
+    if fs::create_dir_all(&dest).is_err() {
+        return;
+    }
+    let mut logs: Vec<PathBuf> = fs::read_dir(root.join("state/logs"))
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    if let Ok(rd) = fs::read_dir(root) {
+        logs.extend(
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension() == Some(OsStr::new("log"))),
+        );
+    }
+    let _ = fs::copy(root.join("state/jfs.toml"), dest.join("jfs.toml"));
+    for l in logs {
+        if let Some(n) = l.file_name() {
+            let _ = fs::copy(&l, dest.join(n));
+        }
+    }
+    eprintln!("logs of the failed test copied to {}", dest.display());
+}
+
+// ------------------------------------------------------------------ data
+
+/// Deterministic pseudo-random bytes (so a failure reproduces exactly).
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    let mut x = splitmix(seed ^ 0x6A09E667F3BCC909);
+    while out.len() < len {
+        x = splitmix(x);
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// `sha256sum` of a file, as the tool prints it.
+pub fn sha256(path: &Path) -> String {
+    let out = run_cmd(Command::new("sha256sum").arg(path), CMD_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.success(),
+        "sha256sum {} failed:\n{}",
+        path.display(),
+        out.describe()
+    );
+    out.stdout.split_whitespace().next().unwrap_or_default().to_string()
+}
+
+/// Asserts two files have the same size and sha256; on a mismatch reports
+/// the first differing byte offset (and which block it falls in).
+pub fn assert_same_file(expected: &Path, actual: &Path) {
+    let (me, ma) = (
+        fs::metadata(expected).unwrap_or_else(|e| panic!("stat {}: {e}", expected.display())),
+        fs::metadata(actual).unwrap_or_else(|e| panic!("stat {}: {e}", actual.display())),
+    );
+    let (he, ha) = (sha256(expected), sha256(actual));
+    if me.len() == ma.len() && he == ha {
+        return;
+    }
+    let mut detail = String::new();
+    if let (Ok(mut a), Ok(mut b)) = (File::open(expected), File::open(actual)) {
+        let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+        let mut off = 0u64;
+        loop {
+            let na = read_full(&mut a, &mut ba);
+            let nb = read_full(&mut b, &mut bb);
+            let n = na.min(nb);
+            if let Some(i) = (0..n).find(|&i| ba[i] != bb[i]) {
+                let at = off + i as u64;
+                detail = format!(
+                    "first difference at byte {at} (block {}, offset {} in it): expected {:#04x}, got {:#04x}",
+                    at / BLOCK_SIZE,
+                    at % BLOCK_SIZE,
+                    ba[i],
+                    bb[i]
+                );
+                break;
+            }
+            if na != nb {
+                detail = format!("one file ends at byte {}", off + n as u64);
+                break;
+            }
+            if n == 0 {
+                break;
+            }
+            off += n as u64;
+        }
+    }
+    panic!(
+        "{} differs from {}: size {} vs {}, sha256 {he} vs {ha}; {detail}",
+        actual.display(),
+        expected.display(),
+        me.len(),
+        ma.len()
+    );
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    n
+}
+
+/// Writes `data` to `path` and closes it, panicking with the path on error.
+pub fn write_file(path: &Path, data: &[u8]) {
+    let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.write_all(data)
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    drop(f);
+}
+
+/// A snapshot of a tree: relative path -> (type, mode, uid, gid, nlink for
+/// non-directories, size for files, mtime in ns, symlink target). Used to
+/// compare what `cp -a` / `tar` preserved.
+pub fn tree_listing(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let rd = fs::read_dir(&dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()));
+        for e in rd {
+            let e = e.unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()));
+            let p = e.path();
+            let m = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
+            let rel = p
+                .strip_prefix(root)
+                .map(|r| r.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let ft = m.file_type();
+            let kind = if ft.is_dir() {
+                "dir"
+            } else if ft.is_symlink() {
+                "symlink"
+            } else if ft.is_file() {
+                "file"
+            } else {
+                "other"
+            };
+            let mut line = format!("{kind} mode={:o} uid={} gid={}", m.mode() & 0o7777, m.uid(), m.gid());
+            if !ft.is_dir() {
+                line.push_str(&format!(" nlink={}", m.nlink()));
+            }
+            if ft.is_file() {
+                line.push_str(&format!(" size={}", m.len()));
+            }
+            line.push_str(&format!(" mtime={}.{:09}", m.mtime(), m.mtime_nsec()));
+            if ft.is_symlink() {
+                let t = fs::read_link(&p).unwrap_or_else(|e| panic!("readlink {}: {e}", p.display()));
+                line.push_str(&format!(" -> {}", t.display()));
+            }
+            if ft.is_dir() {
+                stack.push(p);
+            }
+            out.insert(rel, line);
+        }
+    }
+    out
+}
+
+/// Asserts two tree listings are equal, naming the first few differences.
+pub fn assert_same_tree(expected: &Path, actual: &Path) {
+    let (a, b) = (tree_listing(expected), tree_listing(actual));
+    if a == b {
+        return;
+    }
+    let mut diffs = Vec::new();
+    for (k, v) in &a {
+        match b.get(k) {
+            None => diffs.push(format!("missing: {k} ({v})")),
+            Some(w) if w != v => diffs.push(format!("{k}:\n    expected {v}\n    got      {w}")),
+            _ => {}
+        }
+    }
+    for (k, w) in &b {
+        if !a.contains_key(k) {
+            diffs.push(format!("unexpected: {k} ({w})"));
+        }
+    }
+    let n = diffs.len();
+    diffs.truncate(20);
+    panic!(
+        "{} does not match {} ({n} differences; first {}):\n{}",
+        actual.display(),
+        expected.display(),
+        diffs.len(),
+        diffs.join("\n")
+    );
+}
+
+// ------------------------------------------------------------------ errno
+
+/// The errno of a failed call; panics (naming `what`) if it succeeded.
+pub fn errno_of<T: Debug>(r: io::Result<T>, what: &str) -> i32 {
+    match r {
+        Ok(v) => panic!("{what} succeeded ({v:?}) but should have failed"),
+        Err(e) => e
+            .raw_os_error()
+            .unwrap_or_else(|| panic!("{what} failed without an errno: {e}")),
+    }
+}
+
+/// Asserts that `r` failed with exactly `expected`.
+pub fn assert_errno<T: Debug>(r: io::Result<T>, expected: i32, what: &str) {
+    let got = errno_of(r, what);
+    assert_eq!(
+        got,
+        expected,
+        "{what}: expected {} but got {} ({})",
+        errno_name(expected),
+        errno_name(got),
+        io::Error::from_raw_os_error(got)
+    );
+}
+
+pub fn errno_name(e: i32) -> &'static str {
+    match e {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EIO => "EIO",
+        libc::EACCES => "EACCES",
+        libc::EEXIST => "EEXIST",
+        libc::EXDEV => "EXDEV",
+        libc::ENOTDIR => "ENOTDIR",
+        libc::EISDIR => "EISDIR",
+        libc::EINVAL => "EINVAL",
+        libc::ENOSPC => "ENOSPC",
+        libc::EROFS => "EROFS",
+        libc::EMLINK => "EMLINK",
+        libc::ENAMETOOLONG => "ENAMETOOLONG",
+        libc::ENOSYS => "ENOSYS",
+        libc::ENOTEMPTY => "ENOTEMPTY",
+        libc::ELOOP => "ELOOP",
+        libc::ENODATA => "ENODATA",
+        libc::ENOTCONN => "ENOTCONN",
+        libc::ENOTSUP => "ENOTSUP",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        0 => "success",
+        _ => "another errno",
+    }
+}
+
+/// A path as a C string, for raw libc calls.
+pub fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).expect("path contains a NUL byte")
+}
+
+/// Turns a libc return value into an io::Result.
+pub fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Runs `op` in a forked child with the given uid/gid and no supplementary
+/// groups, and returns what `op` returned (0 or an errno; 255 if switching
+/// user failed). `op` runs after fork() in a multi-threaded process: it must
+/// only make raw syscalls on data prepared beforehand (no allocation, no
+/// locks, no println!).
+pub fn as_user(uid: u32, gid: u32, op: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: the child only makes async-signal-safe syscalls before _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed: {}", io::Error::last_os_error());
+    if pid == 0 {
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(gid, gid, gid) != 0
+                || libc::setresuid(uid, uid, uid) != 0
+            {
+                libc::_exit(255);
+            }
+            let rc = op();
+            libc::_exit(rc.clamp(0, 255));
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(r, pid, "waitpid: {}", io::Error::last_os_error());
+    assert!(
+        libc::WIFEXITED(status),
+        "child running as uid {uid} died abnormally (status {status})"
+    );
+    let code = libc::WEXITSTATUS(status);
+    assert_ne!(code, 255, "could not switch to uid {uid} gid {gid} in the child");
+    code
+}
+
+/// The calling thread's errno (safe to use in an [`as_user`] closure).
+pub fn last_errno() -> i32 {
+    // SAFETY: reading the thread-local errno.
+    unsafe { *libc::__errno_location() }
+}

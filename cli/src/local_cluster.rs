@@ -1,0 +1,818 @@
+//! `jfs local up` / `jfs local down`: a whole jfs cluster on one machine.
+//!
+//! Everything lives in one state directory: `jfs.toml`, the daemons' data
+//! (`metad1..3`, `blockd1..3`), `logs/<name>.log`, `run/<name>.pid` and
+//! `mounts` (mountpoints made by `up`, so `down` knows what to unmount).
+//! Both commands are idempotent: `up` starts only what is not running (a pid
+//! file counts only if it names a live process with the expected command
+//! line) and mounts only if not mounted; `down` stops only what runs.
+
+use std::ffi::OsString;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use jfs_common::config::Config;
+
+use crate::{admin, metastatus, CliError, CliResult};
+
+const DEFAULT_IP: &str = "127.0.0.1";
+const METAD_COUNT: u64 = 3;
+const BLOCKD_COUNT: u64 = 3;
+/// How long `up` waits for a leader and a blockd heartbeat. A fresh cluster
+/// needs a few seconds; the rest is headroom for a loaded machine.
+const READY_DEADLINE: Duration = Duration::from_secs(45);
+/// How long jfs-mountd may take to report the mount live.
+const MOUNT_DEADLINE: Duration = Duration::from_secs(30);
+/// How long `down` waits after SIGTERM before SIGKILL.
+const STOP_DEADLINE: Duration = Duration::from_secs(15);
+/// The namespace `up` creates and mounts.
+const NAMESPACE: &str = "default";
+
+pub fn metad_rpc_port(i: u64) -> u16 {
+    (8101 + 10 * (i - 1)) as u16
+}
+pub fn metad_raft_port(i: u64) -> u16 {
+    (8103 + 10 * (i - 1)) as u16
+}
+pub fn blockd_port(j: u64) -> u16 {
+    (8201 + 10 * (j - 1)) as u16
+}
+
+/// The config a fresh local cluster gets.
+pub fn local_config_text(state: &Path, ip: &str) -> String {
+    let initial: Vec<String> = (1..=METAD_COUNT)
+        .map(|i| format!("{ip}:{}:0", metad_raft_port(i)))
+        .collect();
+    let rpc: Vec<String> = (1..=METAD_COUNT)
+        .map(|i| format!("{ip}:{}", metad_rpc_port(i)))
+        .collect();
+    format!(
+        "# Written by `jfs local up` for a development cluster on {ip}: 3 metad, 3 blockd.\n\
+         # Each daemon gets its own data directory on its command line (STATE/metad<i>,\n\
+         # STATE/blockd<j>); the data-dir keys below are only the defaults.\n\
+         namespace.backend.type = \"raft\"\n\
+         namespace.backend.raft.initial-conf = \"{}\"\n\
+         jfs.namespace.server.rpc-address = \"{}\"\n\
+         namespace.data-dir = {}\n\
+         blockd.data-dir = {}\n\
+         namespace.replication = 1\n",
+        initial.join(","),
+        rpc.join(","),
+        toml_string(&state.join("metad")),
+        toml_string(&state.join("blockd")),
+    )
+}
+
+fn toml_string(p: &Path) -> String {
+    toml::Value::String(p.to_string_lossy().into_owned()).to_string()
+}
+
+/// Where everything of one local cluster is.
+struct Layout {
+    state: PathBuf,
+}
+
+impl Layout {
+    fn conf(&self) -> PathBuf {
+        self.state.join("jfs.toml")
+    }
+    fn logs(&self) -> PathBuf {
+        self.state.join("logs")
+    }
+    fn run(&self) -> PathBuf {
+        self.state.join("run")
+    }
+    fn log(&self, name: &str) -> PathBuf {
+        self.logs().join(format!("{name}.log"))
+    }
+    fn pid_file(&self, name: &str) -> PathBuf {
+        self.run().join(format!("{name}.pid"))
+    }
+    fn mounts(&self) -> PathBuf {
+        self.state.join("mounts")
+    }
+
+    /// Every daemon of the cluster with its exact arguments (after argv[0]).
+    fn daemons(&self, cfg: &Config, ip: &str) -> Vec<Daemon> {
+        let conf: OsString = self.conf().into();
+        let mut out = Vec::new();
+        for p in &cfg.peers {
+            let name = format!("metad{}", p.id);
+            out.push(Daemon {
+                args: vec![
+                    "--conf".into(),
+                    conf.clone(),
+                    "--node-id".into(),
+                    p.id.to_string().into(),
+                    "--data-dir".into(),
+                    self.state.join(&name).into(),
+                ],
+                data_dir: self.state.join(&name),
+                name,
+                binary: "jfs-metad",
+            });
+        }
+        for j in 1..=BLOCKD_COUNT {
+            let name = format!("blockd{j}");
+            out.push(Daemon {
+                args: vec![
+                    "--conf".into(),
+                    conf.clone(),
+                    "--data-dir".into(),
+                    self.state.join(&name).into(),
+                    "--listen".into(),
+                    format!("{ip}:{}", blockd_port(j)).into(),
+                ],
+                data_dir: self.state.join(&name),
+                name,
+                binary: "jfs-blockd",
+            });
+        }
+        out
+    }
+}
+
+struct Daemon {
+    name: String,
+    binary: &'static str,
+    args: Vec<OsString>,
+    data_dir: PathBuf,
+}
+
+fn io_err(what: impl std::fmt::Display, e: std::io::Error) -> CliError {
+    CliError::Failed(format!("{what}: {e}"))
+}
+
+/// Finds a jfs binary: next to the running `jfs` first (a build directory or
+/// an install prefix keeps them together), else on PATH.
+pub fn find_binary(name: &str) -> CliResult<PathBuf> {
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            let p = dir.join(name);
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    Err(CliError::Failed(format!(
+        "cannot find `{name}` next to this `jfs` or on PATH; build everything with `cargo build --release` \
+         and run target/release/jfs, or install the jfs binaries together"
+    )))
+}
+
+// ---------------------------------------------------------------- processes
+
+/// True when `pid` exists and has not exited (a zombie has exited).
+fn pid_alive(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state letter follows the parenthesised command name, which may itself contain ')'.
+        Ok(stat) => match stat.rfind(')') {
+            Some(i) => !matches!(stat[i + 1..].trim_start().chars().next(), Some('Z') | Some('X') | None),
+            None => false,
+        },
+        Err(_) => false,
+    }
+}
+
+/// True when `pid` runs `daemon` exactly: same binary name and same arguments.
+/// This is what protects us from a recycled pid or another cluster's daemon.
+fn runs(pid: i32, daemon: &Daemon) -> bool {
+    let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mut parts = raw.split(|b| *b == 0);
+    let argv0 = parts.next().unwrap_or_default();
+    let base = argv0.rsplit(|b| *b == b'/').next().unwrap_or_default();
+    if base != daemon.binary.as_bytes() {
+        return false;
+    }
+    let mut rest: Vec<&[u8]> = parts.collect();
+    // cmdline ends with a NUL, which leaves one empty trailing piece.
+    if rest.last().is_some_and(|l| l.is_empty()) {
+        rest.pop();
+    }
+    rest.len() == daemon.args.len() && rest.iter().zip(&daemon.args).all(|(a, b)| *a == b.as_encoded_bytes())
+}
+
+/// The pid of the running instance of `daemon`, if any: the pid file's if it
+/// checks out, else found by scanning /proc (a lost or stale pid file must not
+/// make us start a second copy, nor make `down` miss one).
+fn running_pid(layout: &Layout, daemon: &Daemon) -> Option<i32> {
+    if let Ok(text) = fs::read_to_string(layout.pid_file(&daemon.name)) {
+        if let Ok(pid) = text.trim().parse::<i32>() {
+            if pid > 0 && pid_alive(pid) && runs(pid, daemon) {
+                return Some(pid);
+            }
+        }
+    }
+    let dir = fs::read_dir("/proc").ok()?;
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if runs(pid, daemon) && pid_alive(pid) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+fn write_atomic(path: &Path, text: &str) -> CliResult<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).map_err(|e| io_err(format!("cannot write {}", tmp.display()), e))?;
+    fs::rename(&tmp, path).map_err(|e| io_err(format!("cannot rename {} into place", tmp.display()), e))
+}
+
+fn now_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    crate::fs_cmd::format_utc(secs, true)
+}
+
+/// Starts `daemon` in its own session (so a closing terminal or Ctrl-C does
+/// not reach it), appending its output to its log, and records its pid.
+fn spawn(layout: &Layout, daemon: &Daemon) -> CliResult<Child> {
+    let bin = find_binary(daemon.binary)?;
+    fs::create_dir_all(&daemon.data_dir)
+        .map_err(|e| io_err(format!("cannot create {}", daemon.data_dir.display()), e))?;
+    let log_path = layout.log(&daemon.name);
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| io_err(format!("cannot open log {}", log_path.display()), e))?;
+    let cmdline: Vec<String> = std::iter::once(bin.to_string_lossy().into_owned())
+        .chain(daemon.args.iter().map(|a| a.to_string_lossy().into_owned()))
+        .collect();
+    // A marker in the log separates runs, so the operator reads the right one.
+    let _ = writeln!(log, "==== {} jfs local up: starting {}", now_utc(), cmdline.join(" "));
+    let out = log
+        .try_clone()
+        .map_err(|e| io_err("cannot duplicate log file handle", e))?;
+    let mut cmd = Command::new(&bin);
+    cmd.args(&daemon.args)
+        .current_dir(&layout.state)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| io_err(format!("cannot start {} ({})", daemon.name, bin.display()), e))?;
+    write_atomic(&layout.pid_file(&daemon.name), &format!("{}\n", child.id()))?;
+    Ok(child)
+}
+
+// ---------------------------------------------------------------- mounts
+
+/// One line of /proc/self/mountinfo, the parts we need.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MountEntry {
+    pub mount_point: PathBuf,
+    pub fstype: String,
+    pub source: String,
+}
+
+/// Undoes the octal escapes the kernel uses for space, tab, newline and backslash.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        // id parent major:minor root mount_point options [optional...] - fstype source super_options
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let left: Vec<&str> = left.split(' ').collect();
+        let right: Vec<&str> = right.split(' ').collect();
+        if left.len() < 5 || right.len() < 2 {
+            continue;
+        }
+        out.push(MountEntry {
+            mount_point: PathBuf::from(unescape_mountinfo(left[4])),
+            fstype: right[0].to_string(),
+            source: unescape_mountinfo(right[1]),
+        });
+    }
+    out
+}
+
+fn mount_at(mp: &Path) -> Option<MountEntry> {
+    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // The last entry wins: mounts stack.
+    parse_mountinfo(&text).into_iter().rev().find(|m| m.mount_point == mp)
+}
+
+/// A FUSE mount whose daemon died answers every call with ENOTCONN.
+fn mount_is_dead(mp: &Path) -> bool {
+    match fs::metadata(mp) {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::ENOTCONN),
+    }
+}
+
+fn run_quiet(prog: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    match Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+    {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!("{prog}: {}", String::from_utf8_lossy(&o.stderr).trim())),
+        Err(e) => Err(format!("cannot run {prog}: {e}")),
+    }
+}
+
+/// umount, then fusermount3 -u (for non-root), then a lazy unmount so a busy
+/// mountpoint cannot keep the cluster up; returns what was done.
+fn unmount(mp: &Path) -> Result<&'static str, String> {
+    let mp_os = mp.as_os_str();
+    let first = match run_quiet("umount", &[mp_os]) {
+        Ok(()) => return Ok("unmounted"),
+        Err(e) => e,
+    };
+    if run_quiet("fusermount3", &["-u".as_ref(), mp_os]).is_ok() {
+        return Ok("unmounted");
+    }
+    match run_quiet("umount", &["-l".as_ref(), mp_os]) {
+        Ok(()) => Ok("lazily unmounted (it was busy; processes still using it keep it until they let go)"),
+        Err(e) => Err(format!("cannot unmount {}: {first}; {e}", mp.display())),
+    }
+}
+
+fn read_mounts(layout: &Layout) -> Vec<PathBuf> {
+    fs::read_to_string(layout.mounts())
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(PathBuf::from)
+        .collect()
+}
+
+fn write_mounts(layout: &Layout, mounts: &[PathBuf]) -> CliResult<()> {
+    let mut text = String::new();
+    for m in mounts {
+        text.push_str(&m.to_string_lossy());
+        text.push('\n');
+    }
+    write_atomic(&layout.mounts(), &text)
+}
+
+// ---------------------------------------------------------------- up
+
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr)
+}
+
+/// Creates the state directory and its config if needed; returns the config and the IP.
+fn prepare_state(dir: &Path, ip: Option<&str>) -> CliResult<(Layout, Config, String)> {
+    if let Some(ip) = ip {
+        if ip.parse::<Ipv4Addr>().is_err() {
+            return Err(CliError::Usage(format!(
+                "--ip {ip:?} is not an IPv4 address (e.g. 127.0.0.1 or 127.0.5.1)"
+            )));
+        }
+    }
+    fs::create_dir_all(dir).map_err(|e| io_err(format!("cannot create state directory {}", dir.display()), e))?;
+    let state = fs::canonicalize(dir).map_err(|e| io_err(format!("cannot resolve {}", dir.display()), e))?;
+    let layout = Layout { state };
+    for d in [layout.logs(), layout.run()] {
+        fs::create_dir_all(&d).map_err(|e| io_err(format!("cannot create {}", d.display()), e))?;
+    }
+    let conf = layout.conf();
+    if !conf.exists() {
+        let ip = ip.unwrap_or(DEFAULT_IP);
+        write_atomic(&conf, &local_config_text(&layout.state, ip))?;
+        println!("wrote {} (cluster on {ip})", conf.display());
+    }
+    let cfg = crate::load_config(&conf)?;
+    let conf_ip = host_of(&cfg.peers[0].rpc_addr).to_string();
+    if let Some(ip) = ip {
+        if ip != conf_ip {
+            return Err(CliError::Usage(format!(
+                "{} was made for a cluster on {conf_ip}, not {ip}; run with --ip {conf_ip}, or use another --dir \
+                 for a cluster on {ip}",
+                conf.display()
+            )));
+        }
+    }
+    Ok((layout, cfg, conf_ip))
+}
+
+pub async fn up(dir: &Path, ip: Option<&str>, mountpoint: &Path) -> CliResult<()> {
+    let started_at = Instant::now();
+    let (layout, cfg, ip) = prepare_state(dir, ip)?;
+    // Resolve binaries before starting anything, so a missing one stops us cleanly.
+    for b in ["jfs-metad", "jfs-blockd", "jfs-mountd"] {
+        find_binary(b)?;
+    }
+
+    let daemons = layout.daemons(&cfg, &ip);
+    let mut children: Vec<(String, Child)> = Vec::new();
+    for d in &daemons {
+        match running_pid(&layout, d) {
+            Some(pid) => {
+                // Re-record the pid in case the file was lost.
+                write_atomic(&layout.pid_file(&d.name), &format!("{pid}\n"))?;
+                println!("{:<8} already running (pid {pid})", d.name);
+            }
+            None => {
+                let child = spawn(&layout, d)?;
+                println!(
+                    "{:<8} started (pid {}, log {})",
+                    d.name,
+                    child.id(),
+                    layout.log(&d.name).display()
+                );
+                children.push((d.name.clone(), child));
+            }
+        }
+    }
+
+    wait_ready(&layout, &cfg, &mut children).await?;
+    // Our children keep running after we exit; dropping a Child neither kills nor waits.
+    drop(children);
+
+    match admin::ensure_namespace(&cfg, NAMESPACE).await? {
+        true => println!("namespace {NAMESPACE:?} created"),
+        false => println!("namespace {NAMESPACE:?} exists"),
+    }
+
+    let mp = ensure_mounted(&layout, mountpoint).await?;
+    let mut mounts = read_mounts(&layout);
+    if !mounts.contains(&mp) {
+        mounts.push(mp.clone());
+        write_mounts(&layout, &mounts)?;
+    }
+    println!(
+        "ready in {:.1}s: jfs://{NAMESPACE}/ is mounted at {}\n  status: jfs metastatus --dir {}\n  logs:   {}\n  stop:   jfs local down --dir {}",
+        started_at.elapsed().as_secs_f64(),
+        mp.display(),
+        layout.state.display(),
+        layout.logs().display(),
+        layout.state.display()
+    );
+    Ok(())
+}
+
+/// Waits until a metad leader exists and has heard from at least one blockd.
+async fn wait_ready(layout: &Layout, cfg: &Config, children: &mut [(String, Child)]) -> CliResult<()> {
+    println!("waiting for a metad leader and a blockd heartbeat...");
+    let deadline = Instant::now() + READY_DEADLINE;
+    let mut leader_seen: Option<String> = None;
+    loop {
+        for (name, child) in children.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(CliError::Failed(format!(
+                    "{name} exited right after start ({status}); read {} for why (a port already in use by \
+                     another cluster is a common cause){}",
+                    layout.log(name).display(),
+                    log_tail(&layout.log(name))
+                )));
+            }
+        }
+        for peer in &cfg.peers {
+            let Ok(st) = metastatus::probe(&peer.rpc_addr, Duration::from_secs(1)).await else {
+                continue;
+            };
+            if st.role == "leader" {
+                leader_seen = Some(format!("metad{} ({})", peer.id, peer.rpc_addr));
+                if st.live_blockds >= 1 {
+                    println!(
+                        "metad leader: node {} ({}), term {}; {} blockd(s) live",
+                        peer.id, peer.rpc_addr, st.term, st.live_blockds
+                    );
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            let why = match &leader_seen {
+                None => format!(
+                    "no metad leader was elected; read {} (and metad2, metad3) for why",
+                    layout.log("metad1").display()
+                ),
+                Some(l) => format!(
+                    "{l} is leader but no blockd has heartbeated to it; read {} (and blockd2, blockd3) for why",
+                    layout.log("blockd1").display()
+                ),
+            };
+            return Err(CliError::Failed(format!(
+                "cluster not ready after {}s: {why}",
+                READY_DEADLINE.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Mounts namespace `default` at `mountpoint` unless a live mount is there; returns the canonical path.
+async fn ensure_mounted(layout: &Layout, mountpoint: &Path) -> CliResult<PathBuf> {
+    // A dead FUSE mount makes canonicalize fail with ENOTCONN, so look it up by the absolute path first.
+    let abs = std::path::absolute(mountpoint)
+        .map_err(|e| io_err(format!("cannot resolve mountpoint {}", mountpoint.display()), e))?;
+    if let Some(m) = mount_at(&abs) {
+        if m.fstype.starts_with("fuse") && mount_is_dead(&abs) {
+            println!(
+                "mount at {} is dead (its jfs-mountd is gone); unmounting it to mount again",
+                abs.display()
+            );
+            unmount(&abs).map_err(CliError::Failed)?;
+        }
+    }
+    fs::create_dir_all(&abs).map_err(|e| io_err(format!("cannot create mountpoint {}", abs.display()), e))?;
+    let mp = fs::canonicalize(&abs).map_err(|e| io_err(format!("cannot resolve mountpoint {}", abs.display()), e))?;
+    if let Some(m) = mount_at(&mp) {
+        if m.fstype.starts_with("fuse") {
+            println!("{} is already mounted ({} from {})", mp.display(), m.fstype, m.source);
+            return Ok(mp);
+        }
+        return Err(CliError::Failed(format!(
+            "{} already has a {} mount of {} on it; unmount it or choose another mountpoint",
+            mp.display(),
+            m.fstype,
+            m.source
+        )));
+    }
+
+    let mountd = find_binary("jfs-mountd")?;
+    let log_path = layout.log("mountd");
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| io_err(format!("cannot open log {}", log_path.display()), e))?;
+    let conf = layout.conf();
+    let mut log_for_marker = &log;
+    let _ = writeln!(
+        log_for_marker,
+        "==== {} jfs local up: {} --conf {} -o allow_other {NAMESPACE} {}",
+        now_utc(),
+        mountd.display(),
+        conf.display(),
+        mp.display()
+    );
+    let out = log
+        .try_clone()
+        .map_err(|e| io_err("cannot duplicate log file handle", e))?;
+    let mut cmd = tokio::process::Command::new(&mountd);
+    cmd.arg("--conf")
+        .arg(&conf)
+        .args(["-o", "allow_other", NAMESPACE])
+        .arg(&mp)
+        .current_dir(&layout.state)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(log)
+        .kill_on_drop(false);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| io_err(format!("cannot start {}", mountd.display()), e))?;
+    let status = match tokio::time::timeout(MOUNT_DEADLINE, child.wait()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(io_err("waiting for jfs-mountd", e)),
+        Err(_) => {
+            return Err(CliError::Failed(format!(
+                "jfs-mountd did not report the mount of {} within {}s; read {}",
+                mp.display(),
+                MOUNT_DEADLINE.as_secs(),
+                log_path.display()
+            )))
+        }
+    };
+    if !status.success() {
+        return Err(CliError::Failed(format!(
+            "jfs-mountd failed to mount {} ({status}); read {}{}",
+            mp.display(),
+            log_path.display(),
+            log_tail(&log_path)
+        )));
+    }
+    // jfs-mountd returns once the mount is live; allow the kernel's table a moment to show it anyway.
+    let seen_deadline = Instant::now() + Duration::from_secs(5);
+    while mount_at(&mp).is_none() && Instant::now() < seen_deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if mount_at(&mp).is_none() {
+        return Err(CliError::Failed(format!(
+            "jfs-mountd exited successfully but {} is not mounted; read {}",
+            mp.display(),
+            log_path.display()
+        )));
+    }
+    println!(
+        "mounted jfs://{NAMESPACE}/ at {} (log {})",
+        mp.display(),
+        log_path.display()
+    );
+    Ok(mp)
+}
+
+/// The last few lines of a log, indented, to show the likely cause in place.
+fn log_tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(5)..];
+    if tail.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("; its last lines:");
+    for l in tail {
+        out.push_str("\n    ");
+        out.push_str(l);
+    }
+    out
+}
+
+// ---------------------------------------------------------------- down
+
+pub async fn down(dir: &Path) -> CliResult<()> {
+    if !dir.exists() {
+        println!("{} does not exist: nothing to stop", dir.display());
+        return Ok(());
+    }
+    let state = fs::canonicalize(dir).map_err(|e| io_err(format!("cannot resolve {}", dir.display()), e))?;
+    let layout = Layout { state };
+    let mut failures = Vec::new();
+
+    // Unmount first, so mountd flushes while metad and blockd still serve.
+    let mut remaining = Vec::new();
+    for mp in read_mounts(&layout) {
+        if mount_at(&mp).is_none() {
+            println!("{} is not mounted", mp.display());
+            continue;
+        }
+        match unmount(&mp) {
+            Ok(what) => println!("{}: {what}", mp.display()),
+            Err(e) => {
+                failures.push(e);
+                remaining.push(mp);
+            }
+        }
+    }
+    write_mounts(&layout, &remaining)?;
+
+    // Without a readable config we still know the daemon names from the pid files.
+    let daemons = match Config::load(&layout.conf()) {
+        Ok(cfg) if !cfg.peers.is_empty() => {
+            let ip = host_of(&cfg.peers[0].rpc_addr).to_string();
+            layout.daemons(&cfg, &ip)
+        }
+        _ => Vec::new(),
+    };
+    let mut stopping: Vec<(&Daemon, i32)> = Vec::new();
+    // Blockds first: they only heartbeat to metad, nothing waits on them.
+    for d in daemons.iter().rev() {
+        match running_pid(&layout, d) {
+            Some(pid) => {
+                // SAFETY: kill has no memory effects; pid was checked to run this daemon.
+                if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
+                    stopping.push((d, pid));
+                } else {
+                    failures.push(format!(
+                        "cannot signal {} (pid {pid}): {}",
+                        d.name,
+                        std::io::Error::last_os_error()
+                    ));
+                }
+            }
+            None => println!("{:<8} not running", d.name),
+        }
+    }
+    let deadline = Instant::now() + STOP_DEADLINE;
+    while stopping.iter().any(|(_, pid)| pid_alive(*pid)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (d, pid) in &stopping {
+        if pid_alive(*pid) {
+            // SAFETY: as above.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+            println!(
+                "{:<8} killed (pid {pid}; it ignored SIGTERM for {}s)",
+                d.name,
+                STOP_DEADLINE.as_secs()
+            );
+        } else {
+            println!("{:<8} stopped (pid {pid})", d.name);
+        }
+    }
+    let kill_deadline = Instant::now() + Duration::from_secs(5);
+    while stopping.iter().any(|(_, pid)| pid_alive(*pid)) && Instant::now() < kill_deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (d, pid) in &stopping {
+        if pid_alive(*pid) {
+            failures.push(format!("{} (pid {pid}) is still alive after SIGKILL", d.name));
+        }
+    }
+    if let Ok(entries) = fs::read_dir(layout.run()) {
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "pid") {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Failed(failures.join("\n")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_follow_the_contract() {
+        assert_eq!(
+            [metad_rpc_port(1), metad_rpc_port(2), metad_rpc_port(3)],
+            [8101, 8111, 8121]
+        );
+        assert_eq!(
+            [metad_raft_port(1), metad_raft_port(2), metad_raft_port(3)],
+            [8103, 8113, 8123]
+        );
+        assert_eq!([blockd_port(1), blockd_port(2), blockd_port(3)], [8201, 8211, 8221]);
+    }
+
+    #[test]
+    fn generated_config_parses() {
+        let text = local_config_text(Path::new("/tmp/state dir"), "127.0.7.1");
+        let cfg = Config::from_toml_str(&text, Path::new("jfs.toml")).unwrap();
+        assert_eq!(cfg.peers.len(), 3);
+        assert_eq!(cfg.peers[2].raft_addr, "127.0.7.1:8123");
+        assert_eq!(cfg.peers[1].rpc_addr, "127.0.7.1:8111");
+        assert_eq!(cfg.replication, 1);
+        assert_eq!(cfg.metad_data_dir, Path::new("/tmp/state dir/metad"));
+    }
+
+    #[test]
+    fn mountinfo_parsing() {
+        let text = "\
+22 1 0:21 / /proc rw,nosuid - proc proc rw
+98 22 0:50 / /tmp/my\\040mnt rw,nosuid,nodev,relatime shared:1 - fuse.jfs default rw,user_id=0,group_id=0
+";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[1].mount_point, Path::new("/tmp/my mnt"));
+        assert_eq!(m[1].fstype, "fuse.jfs");
+        assert_eq!(m[1].source, "default");
+        assert_eq!(unescape_mountinfo("a\\134b\\011"), "a\\b\t");
+    }
+
+    #[test]
+    fn cmdline_check_rejects_other_processes() {
+        let d = Daemon {
+            name: "x".into(),
+            binary: "jfs-metad",
+            args: vec!["--conf".into()],
+            data_dir: "/x".into(),
+        };
+        // Our own process is `jfs-...` test binary, never jfs-metad.
+        assert!(!runs(std::process::id() as i32, &d));
+        assert!(pid_alive(std::process::id() as i32));
+        assert!(!pid_alive(i32::MAX));
+    }
+}

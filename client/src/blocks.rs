@@ -1,0 +1,259 @@
+//! Block IO against blockds: one lazily connected channel per blockd
+//! address, fan-out writes to every replica, reads that fall back to the
+//! next replica, and a small shared cache of whole blocks for readahead.
+//!
+//! Blocks are immutable, so a cached block (keyed by block id) is never stale.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use jfs_common::rpc::{block_client::BlockClient, ReadBlockRequest, WriteBlockChunk};
+use jfs_common::{FsError, FsResult, MAX_MESSAGE_BYTES};
+use tokio::sync::OnceCell;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::lock;
+
+/// Size of the data in one WriteBlock stream message.
+const CHUNK: usize = 1 << 20;
+
+/// Bytes of whole blocks kept for readahead and re-reads.
+const CACHE_BYTES: usize = 96 << 20;
+/// Entries kept even when blocks are large.
+const CACHE_MIN_ENTRIES: usize = 6;
+
+type Slot = Arc<OnceCell<Arc<Vec<u8>>>>;
+
+pub(crate) struct BlockPool {
+    channels: Mutex<HashMap<String, Channel>>,
+    timeout: Duration,
+    cache: Mutex<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
+    slots: HashMap<u64, (Slot, usize)>,
+    /// Least recently used first.
+    order: VecDeque<u64>,
+    bytes: usize,
+}
+
+impl Cache {
+    fn touch(&mut self, id: u64) {
+        if let Some(pos) = self.order.iter().position(|&x| x == id) {
+            self.order.remove(pos);
+        }
+        self.order.push_back(id);
+    }
+
+    fn evict(&mut self) {
+        while self.bytes > CACHE_BYTES && self.order.len() > CACHE_MIN_ENTRIES {
+            let Some(id) = self.order.pop_front() else { break };
+            if let Some((_, n)) = self.slots.remove(&id) {
+                self.bytes -= n;
+            }
+        }
+    }
+}
+
+fn block_stub(ch: Channel) -> BlockClient<Channel> {
+    BlockClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+impl BlockPool {
+    pub(crate) fn new(timeout: Duration) -> BlockPool {
+        BlockPool {
+            channels: Mutex::new(HashMap::new()),
+            timeout,
+            cache: Mutex::new(Cache::default()),
+        }
+    }
+
+    fn channel(&self, addr: &str) -> FsResult<Channel> {
+        let mut map = lock(&self.channels);
+        if let Some(ch) = map.get(addr) {
+            return Ok(ch.clone());
+        }
+        let uri = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let ch = Endpoint::from_shared(uri)
+            .map_err(|e| FsError::Io(format!("bad blockd address {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            // Big windows: a block is several MiB and loopback is fast; the
+            // 64 KiB HTTP/2 default would cap a stream far below disk speed.
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(32 << 20))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        map.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// Writes `data` as block `block_id` to every replica (in parallel).
+    /// Succeeds only when all of them stored it.
+    pub(crate) async fn write_all(&self, block_id: u64, data: &Arc<Vec<u8>>, replicas: &[String]) -> FsResult<()> {
+        if replicas.is_empty() {
+            return Err(FsError::NoSpace(
+                "metad allocated a block with no replica (no live blockd?)".into(),
+            ));
+        }
+        let results =
+            futures::future::join_all(replicas.iter().map(|addr| self.write_one(addr, block_id, data.clone()))).await;
+        for r in results {
+            r?;
+        }
+        Ok(())
+    }
+
+    async fn write_one(&self, addr: &str, block_id: u64, data: Arc<Vec<u8>>) -> FsResult<()> {
+        let total = data.len();
+        let nchunks = total.div_ceil(CHUNK).max(1);
+        let src = data.clone();
+        // Chunks are copied out of the shared buffer only as the stream is
+        // polled, so a slow replica does not double the memory in use.
+        let stream = futures::stream::iter(0..nchunks).map(move |i| {
+            let start = i * CHUNK;
+            let end = (start + CHUNK).min(total);
+            let (id, len) = if i == 0 { (block_id, total as u64) } else { (0, 0) };
+            WriteBlockChunk {
+                block_id: id,
+                total_len: len,
+                data: src[start..end].to_vec(),
+            }
+        });
+        let mut client = block_stub(self.channel(addr)?);
+        let fut = client.write_block(stream);
+        let reply = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(st)) => {
+                let e = FsError::from(st);
+                tracing::warn!(%addr, block_id, error = %e, "block write failed");
+                return Err(e);
+            }
+            Err(_) => {
+                return Err(FsError::Unavailable(format!(
+                    "blockd {addr} did not store block {block_id} within {:?}",
+                    self.timeout
+                )))
+            }
+        };
+        if reply.len != total as u64 {
+            return Err(FsError::Io(format!(
+                "blockd {addr} stored {} bytes of block {block_id}, expected {total}",
+                reply.len
+            )));
+        }
+        let crc = crc32c::crc32c(&data);
+        if reply.crc32c != crc {
+            return Err(FsError::Corrupt(format!(
+                "blockd {addr} reports checksum {:08x} for block {block_id}, we sent {crc:08x}",
+                reply.crc32c
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads `[offset, offset + len)` of a block, trying replicas in order.
+    pub(crate) async fn read(&self, block_id: u64, offset: u64, len: u64, replicas: &[String]) -> FsResult<Vec<u8>> {
+        let mut errors = Vec::new();
+        for addr in replicas {
+            match self.read_one(addr, block_id, offset, len).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    tracing::warn!(%addr, block_id, error = %e, "block read failed; trying the next replica");
+                    errors.push(format!("{addr}: {e}"));
+                }
+            }
+        }
+        if errors.is_empty() {
+            return Err(FsError::Io(format!("block {block_id} has no replica in the block map")));
+        }
+        Err(FsError::Io(format!(
+            "block {block_id}: no replica could be read ({})",
+            errors.join("; ")
+        )))
+    }
+
+    async fn read_one(&self, addr: &str, block_id: u64, offset: u64, len: u64) -> FsResult<Vec<u8>> {
+        let mut client = block_stub(self.channel(addr)?);
+        let fut = async {
+            let mut stream = client
+                .read_block(ReadBlockRequest { block_id, offset, len })
+                .await?
+                .into_inner();
+            let mut out: Vec<u8> = Vec::with_capacity(len as usize);
+            while let Some(chunk) = stream.message().await? {
+                if out.is_empty() && chunk.data.len() as u64 == len {
+                    // One message holds everything: keep its buffer, no copy.
+                    out = chunk.data;
+                } else {
+                    out.extend_from_slice(&chunk.data);
+                }
+                if out.len() as u64 > len {
+                    break;
+                }
+            }
+            Ok::<_, tonic::Status>(out)
+        };
+        let out = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r.map_err(FsError::from)?,
+            Err(_) => {
+                return Err(FsError::Unavailable(format!(
+                    "blockd {addr} did not answer within {:?}",
+                    self.timeout
+                )))
+            }
+        };
+        if out.len() as u64 != len {
+            return Err(FsError::Io(format!(
+                "blockd {addr} returned {} bytes of block {block_id} at {offset}, expected {len}",
+                out.len()
+            )));
+        }
+        Ok(out)
+    }
+
+    /// The first `len` bytes of a block, from the cache or the replicas;
+    /// concurrent callers for the same block share one fetch.
+    pub(crate) async fn whole(&self, block_id: u64, len: u64, replicas: &[String]) -> FsResult<Arc<Vec<u8>>> {
+        let slot = {
+            let mut c = lock(&self.cache);
+            let slot = match c.slots.get(&block_id) {
+                Some((s, _)) => s.clone(),
+                None => {
+                    let s: Slot = Arc::new(OnceCell::new());
+                    c.slots.insert(block_id, (s.clone(), len as usize));
+                    c.bytes += len as usize;
+                    c.evict();
+                    s
+                }
+            };
+            c.touch(block_id);
+            slot
+        };
+        let data = slot
+            .get_or_try_init(|| async { self.read(block_id, 0, len, replicas).await.map(Arc::new) })
+            .await?
+            .clone();
+        if (data.len() as u64) < len {
+            // Cached under a shorter length (cannot happen for one block id,
+            // whose content never changes); read what is asked for.
+            return Ok(Arc::new(self.read(block_id, 0, len, replicas).await?));
+        }
+        Ok(data)
+    }
+
+    /// True when the block is in the cache (fetched or being fetched).
+    pub(crate) fn cached(&self, block_id: u64) -> bool {
+        lock(&self.cache).slots.contains_key(&block_id)
+    }
+}

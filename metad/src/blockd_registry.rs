@@ -1,0 +1,91 @@
+//! Live blockds as this node's leader sees them, built from heartbeats.
+//!
+//! This is soft state: it lives only in the leader's memory and is rebuilt
+//! from the next round of heartbeats after a failover (blockds heartbeat
+//! every second), so it never needs to go through Raft. Placement of new
+//! blocks — which only the leader does — reads it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+
+#[derive(Debug, Clone)]
+pub struct BlockdInfo {
+    pub id: String,
+    pub address: String,
+    pub capacity: u64,
+    pub free: u64,
+    pub last_seen: Instant,
+}
+
+pub struct BlockdRegistry {
+    dead_after: Duration,
+    nodes: Mutex<HashMap<String, BlockdInfo>>,
+}
+
+impl BlockdRegistry {
+    pub fn new(dead_after: Duration) -> Self {
+        BlockdRegistry { dead_after, nodes: Mutex::new(HashMap::new()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BlockdInfo>> {
+        // A panic while holding this lock cannot leave the map inconsistent
+        // (each update is a single insert), so a poisoned lock is still usable.
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn heartbeat(&self, info: BlockdInfo) {
+        self.lock().insert(info.id.clone(), info);
+    }
+
+    pub fn live(&self) -> Vec<BlockdInfo> {
+        let now = Instant::now();
+        self.lock()
+            .values()
+            .filter(|b| now.duration_since(b.last_seen) < self.dead_after)
+            .cloned()
+            .collect()
+    }
+
+    /// Up to `n` distinct live blockds for a new block: the ones with the
+    /// most free space are preferred, with ties broken at random so
+    /// concurrent writers spread out. Nodes with less than `min_free` bytes
+    /// free are skipped.
+    pub fn place(&self, n: usize, min_free: u64) -> Vec<String> {
+        let mut live: Vec<BlockdInfo> = self.live().into_iter().filter(|b| b.free >= min_free).collect();
+        live.shuffle(&mut rand::thread_rng());
+        // Bucket free space coarsely so a few MiB of difference does not
+        // send every block to the same node.
+        live.sort_by_key(|b| std::cmp::Reverse(b.free >> 30));
+        live.into_iter().take(n).map(|b| b.address).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str, free_gib: u64, age: Duration) -> BlockdInfo {
+        BlockdInfo {
+            id: id.into(),
+            address: format!("{id}:8201"),
+            capacity: 100 << 30,
+            free: free_gib << 30,
+            last_seen: Instant::now() - age,
+        }
+    }
+
+    #[test]
+    fn placement_skips_dead_and_full_nodes() {
+        let r = BlockdRegistry::new(Duration::from_secs(10));
+        r.heartbeat(info("a", 50, Duration::ZERO));
+        r.heartbeat(info("b", 0, Duration::ZERO));
+        r.heartbeat(info("c", 90, Duration::from_secs(60)));
+        r.heartbeat(info("d", 80, Duration::ZERO));
+        let p = r.place(3, 1 << 20);
+        assert_eq!(p, vec!["d:8201".to_string(), "a:8201".to_string()]);
+        assert_eq!(r.live().len(), 3);
+    }
+}

@@ -1,0 +1,124 @@
+//! Key layout of the metadata store (DESIGN §4).
+//!
+//! Integers are big-endian so key order is numeric order: a directory's
+//! entries, a file's blocks and a client's saved replies are each one
+//! contiguous range. The first byte says which table a key belongs to.
+//!
+//! | key                         | value                          |
+//! |-----------------------------|--------------------------------|
+//! | `C` name                    | cluster-wide values            |
+//! | `N` namespace name          | `NamespaceRec`                 |
+//! | `S` client seq              | saved reply of one request     |
+//! | `L` client                  | client's acked_below watermark |
+//! | `G` block id                | block waiting for deletion     |
+//! | `F` ns `i` ino              | inode                          |
+//! | `F` ns `d` parent name      | directory entry                |
+//! | `F` ns `b` ino index        | block ref                      |
+//! | `F` ns `x` ino name         | xattr value                    |
+//! | `F` ns `o` ino              | open-unlinked (orphan) inode   |
+//! | `F` ns `m` name             | namespace counters and record  |
+
+pub const CLUSTER_ID: &[u8] = b"Ccluster_id";
+pub const NEXT_BLOCK: &[u8] = b"Cnext_block";
+pub const NEXT_NS: &[u8] = b"Cnext_ns";
+pub const NAMESPACES: &[u8] = b"N";
+pub const GARBAGE: &[u8] = b"G";
+
+pub fn namespace(name: &str) -> Vec<u8> {
+    cat(&[b"N", name.as_bytes()])
+}
+
+pub fn session_reply(client: u64, seq: u64) -> Vec<u8> {
+    cat(&[b"S", &client.to_be_bytes(), &seq.to_be_bytes()])
+}
+
+pub fn session_low(client: u64) -> Vec<u8> {
+    cat(&[b"L", &client.to_be_bytes()])
+}
+
+pub fn garbage(block_id: u64) -> Vec<u8> {
+    cat(&[GARBAGE, &block_id.to_be_bytes()])
+}
+
+fn ns_key(ns: u32, tag: u8, rest: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(6 + rest.iter().map(|r| r.len()).sum::<usize>());
+    k.push(b'F');
+    k.extend_from_slice(&ns.to_be_bytes());
+    k.push(tag);
+    for r in rest {
+        k.extend_from_slice(r);
+    }
+    k
+}
+
+pub fn inode(ns: u32, ino: u64) -> Vec<u8> {
+    ns_key(ns, b'i', &[&ino.to_be_bytes()])
+}
+
+pub fn dirent(ns: u32, parent: u64, name: &[u8]) -> Vec<u8> {
+    ns_key(ns, b'd', &[&parent.to_be_bytes(), name])
+}
+
+pub fn dir_prefix(ns: u32, parent: u64) -> Vec<u8> {
+    ns_key(ns, b'd', &[&parent.to_be_bytes()])
+}
+
+pub fn block(ns: u32, ino: u64, index: u64) -> Vec<u8> {
+    ns_key(ns, b'b', &[&ino.to_be_bytes(), &index.to_be_bytes()])
+}
+
+pub fn block_prefix(ns: u32, ino: u64) -> Vec<u8> {
+    ns_key(ns, b'b', &[&ino.to_be_bytes()])
+}
+
+pub fn xattr(ns: u32, ino: u64, name: &[u8]) -> Vec<u8> {
+    ns_key(ns, b'x', &[&ino.to_be_bytes(), name])
+}
+
+pub fn xattr_prefix(ns: u32, ino: u64) -> Vec<u8> {
+    ns_key(ns, b'x', &[&ino.to_be_bytes()])
+}
+
+pub fn orphan(ns: u32, ino: u64) -> Vec<u8> {
+    ns_key(ns, b'o', &[&ino.to_be_bytes()])
+}
+
+pub fn ns_meta(ns: u32, name: &str) -> Vec<u8> {
+    ns_key(ns, b'm', &[name.as_bytes()])
+}
+
+fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+/// The u64 stored big-endian at `off` of a key (an index or block id).
+pub fn be_u64_at(key: &[u8], off: usize) -> Option<u64> {
+    key.get(off..off + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)
+}
+
+/// Offsets into keys built above, for decoding scans.
+pub const DIRENT_NAME_OFFSET: usize = 1 + 4 + 1 + 8;
+pub const BLOCK_INDEX_OFFSET: usize = 1 + 4 + 1 + 8;
+pub const XATTR_NAME_OFFSET: usize = 1 + 4 + 1 + 8;
+pub const GARBAGE_ID_OFFSET: usize = 1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_entries_sort_by_parent_then_name() {
+        let a = dirent(1, 2, b"zz");
+        let b = dirent(1, 3, b"aa");
+        assert!(a < b);
+        assert!(dirent(1, 2, b"a") < dirent(1, 2, b"b"));
+        assert!(a.starts_with(&dir_prefix(1, 2)));
+        assert_eq!(&a[DIRENT_NAME_OFFSET..], b"zz");
+    }
+
+    #[test]
+    fn block_keys_sort_numerically() {
+        assert!(block(1, 5, 255) < block(1, 5, 256));
+        assert_eq!(be_u64_at(&block(1, 5, 256), BLOCK_INDEX_OFFSET), Some(256));
+    }
+}

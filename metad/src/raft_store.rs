@@ -1,0 +1,442 @@
+//! Durable Raft state on one node: the log, the vote and the state machine,
+//! all in one RocksDB with a column family each.
+//!
+//! Durability rule (DESIGN §5): an append is acknowledged to openraft only
+//! after its WAL record is fsynced. Appends are written unsynced (so they are
+//! readable at once for replication) and a flusher thread then fsyncs the WAL
+//! and fires every callback that fsync covered — one fsync per burst of
+//! appends instead of one per entry (group commit). The state machine writes
+//! one atomic `WriteBatch` per applied burst, including `last_applied`; it
+//! rides the same WAL, so it is durable no later than the next log fsync, and
+//! anything lost is re-applied from the log on restart.
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, RaftSnapshotBuilder, StorageIOError, Vote};
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+
+use crate::kv::{KvError, KvRead, Txn};
+use crate::namespace;
+use crate::raft_types::{ApplyResult, Entry, LogId, NodeId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+
+const CF_LOG: &str = "log";
+const CF_RAFT: &str = "raft";
+const CF_SM: &str = "sm";
+const CF_SM_META: &str = "sm_meta";
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_PURGED: &[u8] = b"last_purged";
+const KEY_APPLIED: &[u8] = b"last_applied";
+const KEY_MEMBERSHIP: &[u8] = b"membership";
+
+fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::new(subject, verb, openraft::AnyError::new(&e)).into()
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError {
+    io_err(ErrorSubject::Store, ErrorVerb::Read, e)
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError {
+    io_err(ErrorSubject::Store, ErrorVerb::Write, e)
+}
+
+fn ser<T: Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
+    bincode::serialize(v).map_err(write_err)
+}
+
+fn de<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Result<T, StorageError> {
+    bincode::deserialize(b).map_err(read_err)
+}
+
+fn idx_key(i: u64) -> [u8; 8] {
+    i.to_be_bytes()
+}
+
+/// Opens (or creates) the node's database.
+pub fn open_db(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    // Metadata is small and hot: keep it simple and let RocksDB size itself.
+    opts.set_max_background_jobs(2);
+    let cfs = [CF_LOG, CF_RAFT, CF_SM, CF_SM_META].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    DB::open_cf_descriptors(&opts, dir, cfs).map(Arc::new)
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> &'a ColumnFamily {
+    // The four families are created at open, so their absence is a bug.
+    db.cf_handle(name).unwrap_or_else(|| panic!("column family {name} missing"))
+}
+
+fn sync_opts() -> WriteOptions {
+    let mut o = WriteOptions::default();
+    o.set_sync(true);
+    o
+}
+
+// ------------------------------------------------------------------ log
+
+/// Raft log and vote. Cloned as the log reader.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+    flusher: std_mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+impl LogStore {
+    pub fn new(db: Arc<DB>) -> LogStore {
+        let (tx, rx) = std_mpsc::channel::<LogFlushed<TypeConfig>>();
+        let fdb = db.clone();
+        std::thread::Builder::new()
+            .name("raft-log-fsync".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        batch.push(more);
+                    }
+                    let res = fdb.flush_wal(true);
+                    for cb in batch {
+                        cb.log_io_completed(res.clone().map_err(|e| std::io::Error::other(e.to_string())));
+                    }
+                }
+            })
+            .unwrap_or_else(|e| panic!("cannot start the log fsync thread: {e}"));
+        LogStore { db, flusher: tx }
+    }
+
+    fn get_meta<T: for<'a> Deserialize<'a>>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+        match self.db.get_cf(cf(&self.db, CF_RAFT), key).map_err(read_err)? {
+            Some(v) => Ok(Some(de(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &[u8], v: &T, sync: bool) -> Result<(), StorageError> {
+        let opts = if sync { sync_opts() } else { WriteOptions::default() };
+        self.db.put_cf_opt(cf(&self.db, CF_RAFT), key, ser(v)?, &opts).map_err(write_err)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        let it = self.db.iterator_cf(cf(&self.db, CF_LOG), IteratorMode::From(&idx_key(start), Direction::Forward));
+        for item in it {
+            let (k, v) = item.map_err(read_err)?;
+            let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| read_err(KvError("bad log key".into())))?);
+            if !range.contains(&idx) {
+                break;
+            }
+            out.push(de::<Entry>(&v)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged: Option<LogId> = self.get_meta(KEY_PURGED)?;
+        let mut it = self.db.iterator_cf(cf(&self.db, CF_LOG), IteratorMode::End);
+        let last = match it.next() {
+            Some(item) => {
+                let (_, v) = item.map_err(read_err)?;
+                Some(de::<Entry>(&v)?.log_id)
+            }
+            None => last_purged,
+        };
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        self.put_meta(KEY_VOTE, vote, true)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        self.get_meta(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.put_meta(KEY_COMMITTED, &committed, false)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = WriteBatch::default();
+        let log = cf(&self.db, CF_LOG);
+        for e in entries {
+            batch.put_cf(log, idx_key(e.log_id.index), ser(&e)?);
+        }
+        self.db.write(batch).map_err(write_err)?;
+        if self.flusher.send(callback).is_err() {
+            return Err(write_err(KvError("log fsync thread is gone".into())));
+        }
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let log = cf(&self.db, CF_LOG);
+        self.db
+            .delete_range_cf(log, idx_key(log_id.index), idx_key(u64::MAX))
+            .map_err(write_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.put_meta(KEY_PURGED, &log_id, false)?;
+        let log = cf(&self.db, CF_LOG);
+        self.db
+            .delete_range_cf(log, idx_key(0), idx_key(log_id.index + 1))
+            .map_err(write_err)
+    }
+}
+
+// ------------------------------------------------------------------ state machine
+
+/// Read view of the applied namespace, shared with the RPC handlers.
+#[derive(Clone)]
+pub struct SmView {
+    db: Arc<DB>,
+}
+
+impl SmView {
+    pub fn new(db: Arc<DB>) -> SmView {
+        SmView { db }
+    }
+}
+
+impl KvRead for SmView {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        self.db.get_cf(cf(&self.db, CF_SM), key).map_err(|e| KvError(e.to_string()))
+    }
+
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+        let start = after.unwrap_or(prefix);
+        let mut out = Vec::new();
+        let it = self.db.iterator_cf(cf(&self.db, CF_SM), IteratorMode::From(start, Direction::Forward));
+        for item in it {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|e| KvError(e.to_string()))?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if after.is_some_and(|a| k.as_ref() == a) {
+                continue;
+            }
+            out.push((k.into_vec(), v.into_vec()));
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+pub struct StateMachine {
+    db: Arc<DB>,
+    view: SmView,
+    snapshot_path: PathBuf,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+impl StateMachine {
+    pub fn new(db: Arc<DB>, data_dir: &Path) -> Result<StateMachine, StorageError> {
+        let meta = cf(&db, CF_SM_META);
+        let last_applied = match db.get_cf(meta, KEY_APPLIED).map_err(read_err)? {
+            Some(v) => de(&v)?,
+            None => None,
+        };
+        let membership = match db.get_cf(meta, KEY_MEMBERSHIP).map_err(read_err)? {
+            Some(v) => de(&v)?,
+            None => StoredMembership::default(),
+        };
+        Ok(StateMachine {
+            view: SmView::new(db.clone()),
+            db,
+            snapshot_path: data_dir.join("snapshot.bin"),
+            last_applied,
+            membership,
+        })
+    }
+
+    pub fn view(&self) -> SmView {
+        self.view.clone()
+    }
+}
+
+pub struct SnapshotBuilder {
+    db: Arc<DB>,
+    snapshot_path: PathBuf,
+}
+
+/// Serializes every state machine row as of one RocksDB snapshot.
+fn dump_state(db: &DB) -> Result<(Option<LogId>, StoredMembership, Vec<u8>), StorageError> {
+    let snap = db.snapshot();
+    let meta = cf(db, CF_SM_META);
+    let last_applied: Option<LogId> = match snap.get_cf(meta, KEY_APPLIED).map_err(read_err)? {
+        Some(v) => de(&v)?,
+        None => None,
+    };
+    let membership: StoredMembership = match snap.get_cf(meta, KEY_MEMBERSHIP).map_err(read_err)? {
+        Some(v) => de(&v)?,
+        None => StoredMembership::default(),
+    };
+    let mut rows: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    for item in snap.iterator_cf(cf(db, CF_SM), IteratorMode::Start) {
+        let (k, v) = item.map_err(read_err)?;
+        rows.push((k.into_vec(), v.into_vec()));
+    }
+    Ok((last_applied, membership, ser(&rows)?))
+}
+
+fn write_snapshot_file(path: &Path, file: &SnapshotFile) -> Result<(), StorageError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let bytes = ser(file)?;
+    let mut f = std::fs::File::create(&tmp).map_err(write_err)?;
+    f.write_all(&bytes).map_err(write_err)?;
+    f.sync_all().map_err(write_err)?;
+    std::fs::rename(&tmp, path).map_err(write_err)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(write_err)?;
+    }
+    Ok(())
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (last_applied, membership, data) = dump_state(&self.db)?;
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
+            None => format!("empty-{}", data.len()),
+        };
+        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
+        let file = SnapshotFile { meta: meta.clone(), data };
+        write_snapshot_file(&self.snapshot_path, &file)?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(file.data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ApplyResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut replies = Vec::new();
+        let mut txn = Txn::new(&self.view);
+        let mut last = self.last_applied;
+        let mut membership_changed = false;
+        for entry in entries {
+            last = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => replies.push(Ok(crate::raft_types::Reply::Ok)),
+                EntryPayload::Normal(cmd) => {
+                    let r = namespace::apply_command(&mut txn, &cmd).map_err(write_err)?;
+                    replies.push(r);
+                }
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), m);
+                    membership_changed = true;
+                    replies.push(Ok(crate::raft_types::Reply::Ok));
+                }
+            }
+        }
+        let writes = txn.into_writes();
+        let mut batch = WriteBatch::default();
+        let sm = cf(&self.db, CF_SM);
+        for (k, v) in writes {
+            match v {
+                Some(v) => batch.put_cf(sm, k, v),
+                None => batch.delete_cf(sm, k),
+            }
+        }
+        let meta = cf(&self.db, CF_SM_META);
+        batch.put_cf(meta, KEY_APPLIED, ser(&last)?);
+        if membership_changed {
+            batch.put_cf(meta, KEY_MEMBERSHIP, ser(&self.membership)?);
+        }
+        self.db.write(batch).map_err(write_err)?;
+        self.last_applied = last;
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder { db: self.db.clone(), snapshot_path: self.snapshot_path.clone() }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = de(&data)?;
+        let sm = cf(&self.db, CF_SM);
+        let mut batch = WriteBatch::default();
+        // Every state machine key starts with an ASCII table letter.
+        batch.delete_range_cf(sm, [0u8].as_slice(), [0xffu8; 16].as_slice());
+        for (k, v) in rows {
+            batch.put_cf(sm, k, v);
+        }
+        let m = cf(&self.db, CF_SM_META);
+        batch.put_cf(m, KEY_APPLIED, ser(&meta.last_log_id)?);
+        batch.put_cf(m, KEY_MEMBERSHIP, ser(&meta.last_membership)?);
+        self.db.write_opt(batch, &sync_opts()).map_err(write_err)?;
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        write_snapshot_file(&self.snapshot_path, &SnapshotFile { meta: meta.clone(), data })?;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let bytes = match std::fs::read(&self.snapshot_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(read_err(e)),
+        };
+        let file: SnapshotFile = de(&bytes)?;
+        Ok(Some(Snapshot { meta: file.meta, snapshot: Box::new(Cursor::new(file.data)) }))
+    }
+}

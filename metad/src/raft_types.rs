@@ -1,0 +1,232 @@
+//! The types Raft replicates: the logical commands in the log and the
+//! replies their application produces.
+//!
+//! A log entry is a *logical* command (`Mknod{parent,name,..}`), stamped by
+//! the leader with the time and the client's (id, seq) before it is proposed,
+//! so applying it is deterministic on every node.
+
+use std::fmt;
+use std::io::Cursor;
+
+use jfs_common::FsError;
+use serde::{Deserialize, Serialize};
+
+/// A metad node as Raft membership stores it: where to reach its Raft
+/// service and where clients reach its Meta service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaNode {
+    pub raft_addr: String,
+    pub rpc_addr: String,
+}
+
+impl fmt::Display for MetaNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.rpc_addr)
+    }
+}
+
+openraft::declare_raft_types!(
+    pub TypeConfig:
+        D = Command,
+        R = ApplyResult,
+        NodeId = u64,
+        Node = MetaNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type NodeId = u64;
+pub type LogId = openraft::LogId<NodeId>;
+pub type StorageError = openraft::StorageError<NodeId>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, MetaNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, MetaNode>;
+
+/// One proposed change. `client_id == 0` marks internal commands that are
+/// not deduplicated (they are idempotent by construction).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Command {
+    pub client_id: u64,
+    pub seq: u64,
+    pub acked_below: u64,
+    /// Leader wall clock, nanoseconds since the epoch.
+    pub now_ns: i64,
+    pub op: Op,
+}
+
+/// A time the caller wants set on an inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimeSet {
+    Now,
+    At(i64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRec {
+    pub block_id: u64,
+    pub len: u64,
+    pub replicas: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Op {
+    InitCluster {
+        cluster_id: String,
+    },
+    CreateNamespace {
+        name: String,
+        block_size: u64,
+        replication: u32,
+        if_not_exists: bool,
+    },
+    Mknod {
+        ns: u32,
+        parent: u64,
+        name: Vec<u8>,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        exclusive: bool,
+    },
+    Symlink {
+        ns: u32,
+        parent: u64,
+        name: Vec<u8>,
+        target: Vec<u8>,
+        uid: u32,
+        gid: u32,
+    },
+    Link {
+        ns: u32,
+        ino: u64,
+        new_parent: u64,
+        new_name: Vec<u8>,
+    },
+    Unlink {
+        ns: u32,
+        parent: u64,
+        name: Vec<u8>,
+        keep_if_open: bool,
+    },
+    Rmdir {
+        ns: u32,
+        parent: u64,
+        name: Vec<u8>,
+    },
+    Rename {
+        ns: u32,
+        parent: u64,
+        name: Vec<u8>,
+        new_parent: u64,
+        new_name: Vec<u8>,
+        flags: u32,
+        keep_if_open: bool,
+    },
+    ReleaseOrphan {
+        ns: u32,
+        ino: u64,
+    },
+    SetAttr {
+        ns: u32,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeSet>,
+        mtime: Option<TimeSet>,
+        ctime: Option<i64>,
+    },
+    SetXattr {
+        ns: u32,
+        ino: u64,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        flags: u32,
+    },
+    RemoveXattr {
+        ns: u32,
+        ino: u64,
+        name: Vec<u8>,
+    },
+    AllocateBlocks {
+        count: u32,
+    },
+    CommitWrite {
+        ns: u32,
+        ino: u64,
+        blocks: Vec<(u64, BlockRec)>,
+        size: u64,
+        mtime: Option<i64>,
+    },
+    /// `replica` has been told to delete these blocks: drop it from their
+    /// garbage entries (an entry goes once no replica is left).
+    ForgetGarbage {
+        replica: String,
+        block_ids: Vec<u64>,
+    },
+}
+
+impl Op {
+    /// Ops that change a namespace (refused in recovery mode and on `ro`).
+    pub fn namespace(&self) -> Option<u32> {
+        use Op::*;
+        match self {
+            Mknod { ns, .. }
+            | Symlink { ns, .. }
+            | Link { ns, .. }
+            | Unlink { ns, .. }
+            | Rmdir { ns, .. }
+            | Rename { ns, .. }
+            | ReleaseOrphan { ns, .. }
+            | SetAttr { ns, .. }
+            | SetXattr { ns, .. }
+            | RemoveXattr { ns, .. }
+            | CommitWrite { ns, .. } => Some(*ns),
+            InitCluster { .. } | CreateNamespace { .. } | AllocateBlocks { .. } | ForgetGarbage { .. } => None,
+        }
+    }
+}
+
+/// The inode attributes a reply carries (the stored inode, minus the symlink
+/// target and parent pointer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttrRec {
+    pub ino: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub nlink: u32,
+    pub atime: i64,
+    pub mtime: i64,
+    pub ctime: i64,
+    pub rdev: u32,
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceRec {
+    pub id: u32,
+    pub name: String,
+    pub block_size: u64,
+    pub replication: u32,
+    pub root_ino: u64,
+    pub recovery_mode: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Ok,
+    Attr(AttrRec),
+    Unlinked { ino: u64, orphaned: bool, attr: Option<AttrRec> },
+    Renamed { replaced_ino: u64, orphaned: bool },
+    Namespace(NamespaceRec),
+    BlockIds { first: u64, count: u32 },
+}
+
+/// What applying one entry produced; stored per client session so a retry
+/// gets the very same answer.
+pub type ApplyResult = Result<Reply, FsError>;

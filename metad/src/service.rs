@@ -1,0 +1,513 @@
+//! The Meta gRPC service: what clients, blockds and the CLI talk to.
+//!
+//! Writes become Raft commands stamped with the leader's clock; reads are
+//! served only by the leader after a read-index round
+//! (`ensure_linearizable`), so an acknowledged change is visible to every
+//! later read (DESIGN §5). A follower answers every request with
+//! `NotLeader{leader}` so clients can follow.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::ServerState;
+use tonic::{Request, Response, Status};
+
+use jfs_common::config::Config;
+use jfs_common::rpc::{self, meta_server::Meta};
+use jfs_common::FsError;
+
+use crate::blockd_registry::{BlockdInfo, BlockdRegistry};
+use crate::kv::KvError;
+use crate::namespace::{self, NsError};
+use crate::raft_store::SmView;
+use crate::raft_types::{AttrRec, BlockRec, Command, MetaNode, NamespaceRec, NodeId, Op, Raft, Reply, TimeSet};
+
+pub struct MetaService {
+    pub raft: Raft,
+    pub view: SmView,
+    pub node_id: NodeId,
+    pub cfg: Arc<Config>,
+    pub blockds: Arc<BlockdRegistry>,
+}
+
+type Rpc<T> = Result<Response<T>, Status>;
+
+fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+fn ts(ns: i64) -> Option<rpc::Timespec> {
+    Some(rpc::Timespec::from_nanos(ns as i128))
+}
+
+fn storage(e: KvError) -> Status {
+    FsError::Internal(e.to_string()).into()
+}
+
+fn ns_err(e: NsError) -> Status {
+    match e {
+        NsError::Fs(e) => e.into(),
+        NsError::Storage(e) => storage(e),
+    }
+}
+
+fn not_leader(leader: Option<&MetaNode>) -> Status {
+    FsError::NotLeader { leader: leader.map(|n| n.rpc_addr.clone()) }.into()
+}
+
+fn hdr(h: &Option<rpc::ReqHeader>) -> (u64, u64, u64) {
+    h.as_ref().map_or((0, 0, 0), |h| (h.client_id, h.seq, h.acked_below))
+}
+
+fn attr_to_rpc(a: &AttrRec, blksize: u32) -> rpc::Attr {
+    rpc::Attr {
+        ino: a.ino,
+        mode: a.mode,
+        uid: a.uid,
+        gid: a.gid,
+        size: a.size,
+        nlink: a.nlink,
+        atime: ts(a.atime),
+        mtime: ts(a.mtime),
+        ctime: ts(a.ctime),
+        rdev: a.rdev,
+        generation: a.generation,
+        blksize,
+    }
+}
+
+fn ns_to_rpc(r: &NamespaceRec) -> rpc::NamespaceInfo {
+    rpc::NamespaceInfo {
+        id: r.id,
+        name: r.name.clone(),
+        block_size: r.block_size,
+        replication: r.replication,
+        root_ino: r.root_ino,
+        recovery_mode: r.recovery_mode,
+    }
+}
+
+fn time_set(t: &Option<rpc::Timespec>, now: bool) -> Option<TimeSet> {
+    if now {
+        Some(TimeSet::Now)
+    } else {
+        t.as_ref().map(|t| TimeSet::At(t.as_nanos() as i64))
+    }
+}
+
+/// What the kernel is told is the preferred I/O size: large, so `cp` and
+/// friends issue big writes, but not beyond FUSE's 1 MiB request size.
+const PREFERRED_IO: u32 = 1 << 20;
+
+fn unexpected(r: Reply) -> Status {
+    FsError::Internal(format!("unexpected reply {r:?}")).into()
+}
+
+impl MetaService {
+    /// Confirms leadership with a quorum and waits until everything
+    /// committed before this moment is applied locally.
+    async fn linearizable(&self) -> Result<(), Status> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(not_leader(f.leader_node.as_ref())),
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
+                Err(FsError::Unavailable(format!("no quorum: {q}")).into())
+            }
+            Err(RaftError::Fatal(f)) => Err(FsError::Unavailable(format!("raft stopped: {f}")).into()),
+        }
+    }
+
+    async fn propose(&self, h: &Option<rpc::ReqHeader>, op: Op) -> Result<Reply, Status> {
+        let (client_id, seq, acked_below) = hdr(h);
+        let cmd = Command { client_id, seq, acked_below, now_ns: now_ns(), op };
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => resp.data.map_err(Status::from),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(not_leader(f.leader_node.as_ref())),
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(FsError::Internal(e.to_string()).into())
+            }
+            Err(RaftError::Fatal(f)) => Err(FsError::Unavailable(format!("raft stopped: {f}")).into()),
+        }
+    }
+
+    fn namespace(&self, ns: u32) -> Result<NamespaceRec, Status> {
+        namespace::namespace_by_id(&self.view, ns)
+            .map_err(storage)?
+            .ok_or_else(|| FsError::NamespaceNotFound(format!("id {ns}")).into())
+    }
+
+    fn attr_reply(&self, r: Reply) -> Rpc<rpc::AttrReply> {
+        match r {
+            Reply::Attr(a) => Ok(Response::new(rpc::AttrReply { attr: Some(attr_to_rpc(&a, PREFERRED_IO)) })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn unlink_reply(&self, r: Reply) -> Rpc<rpc::UnlinkReply> {
+        match r {
+            Reply::Unlinked { ino, orphaned, attr } => Ok(Response::new(rpc::UnlinkReply {
+                ino,
+                orphaned,
+                attr: attr.as_ref().map(|a| attr_to_rpc(a, PREFERRED_IO)),
+            })),
+            Reply::Ok => Ok(Response::new(rpc::UnlinkReply::default())),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.node_id)
+    }
+
+    fn leader_node(&self) -> Option<MetaNode> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        m.membership_config.membership().get_node(&leader).cloned()
+    }
+}
+
+#[tonic::async_trait]
+impl Meta for MetaService {
+    async fn create_namespace(&self, req: Request<rpc::CreateNamespaceRequest>) -> Rpc<rpc::NamespaceInfo> {
+        let r = req.into_inner();
+        let op = Op::CreateNamespace {
+            name: r.name,
+            block_size: if r.block_size == 0 { self.cfg.block_size } else { r.block_size },
+            replication: if r.replication == 0 { self.cfg.replication } else { r.replication },
+            if_not_exists: r.if_not_exists,
+        };
+        match self.propose(&r.hdr, op).await? {
+            Reply::Namespace(n) => Ok(Response::new(ns_to_rpc(&n))),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn get_namespace(&self, req: Request<rpc::GetNamespaceRequest>) -> Rpc<rpc::NamespaceInfo> {
+        self.linearizable().await?;
+        let name = req.into_inner().name;
+        match namespace::namespace_by_name(&self.view, &name).map_err(storage)? {
+            Some(n) => Ok(Response::new(ns_to_rpc(&n))),
+            None => Err(FsError::NamespaceNotFound(name).into()),
+        }
+    }
+
+    async fn list_namespaces(&self, _req: Request<rpc::ListNamespacesRequest>) -> Rpc<rpc::ListNamespacesReply> {
+        self.linearizable().await?;
+        let all = namespace::list_namespaces(&self.view).map_err(storage)?;
+        Ok(Response::new(rpc::ListNamespacesReply { namespaces: all.iter().map(ns_to_rpc).collect() }))
+    }
+
+    async fn lookup(&self, req: Request<rpc::LookupRequest>) -> Rpc<rpc::AttrReply> {
+        self.linearizable().await?;
+        let r = req.into_inner();
+        let a = namespace::lookup(&self.view, r.ns, r.parent, &r.name).map_err(ns_err)?;
+        self.attr_reply(Reply::Attr(a))
+    }
+
+    async fn get_attr(&self, req: Request<rpc::GetAttrRequest>) -> Rpc<rpc::AttrReply> {
+        self.linearizable().await?;
+        let r = req.into_inner();
+        let i = namespace::get_inode(&self.view, r.ns, r.ino).map_err(ns_err)?;
+        self.attr_reply(Reply::Attr(i.attr(r.ino)))
+    }
+
+    async fn set_attr(&self, req: Request<rpc::SetAttrRequest>) -> Rpc<rpc::AttrReply> {
+        let r = req.into_inner();
+        let op = Op::SetAttr {
+            ns: r.ns,
+            ino: r.ino,
+            mode: r.mode,
+            uid: r.uid,
+            gid: r.gid,
+            size: r.size,
+            atime: time_set(&r.atime, r.atime_now),
+            mtime: time_set(&r.mtime, r.mtime_now),
+            ctime: r.ctime.map(|t| t.as_nanos() as i64),
+        };
+        let reply = self.propose(&r.hdr, op).await?;
+        self.attr_reply(reply)
+    }
+
+    async fn mknod(&self, req: Request<rpc::MknodRequest>) -> Rpc<rpc::AttrReply> {
+        let r = req.into_inner();
+        let op = Op::Mknod {
+            ns: r.ns,
+            parent: r.parent,
+            name: r.name,
+            mode: r.mode,
+            uid: r.uid,
+            gid: r.gid,
+            rdev: r.rdev,
+            exclusive: r.exclusive,
+        };
+        let reply = self.propose(&r.hdr, op).await?;
+        self.attr_reply(reply)
+    }
+
+    async fn symlink(&self, req: Request<rpc::SymlinkRequest>) -> Rpc<rpc::AttrReply> {
+        let r = req.into_inner();
+        let op = Op::Symlink { ns: r.ns, parent: r.parent, name: r.name, target: r.target, uid: r.uid, gid: r.gid };
+        let reply = self.propose(&r.hdr, op).await?;
+        self.attr_reply(reply)
+    }
+
+    async fn link(&self, req: Request<rpc::LinkRequest>) -> Rpc<rpc::AttrReply> {
+        let r = req.into_inner();
+        let op = Op::Link { ns: r.ns, ino: r.ino, new_parent: r.new_parent, new_name: r.new_name };
+        let reply = self.propose(&r.hdr, op).await?;
+        self.attr_reply(reply)
+    }
+
+    async fn unlink(&self, req: Request<rpc::UnlinkRequest>) -> Rpc<rpc::UnlinkReply> {
+        let r = req.into_inner();
+        let op = Op::Unlink { ns: r.ns, parent: r.parent, name: r.name, keep_if_open: r.keep_if_open };
+        let reply = self.propose(&r.hdr, op).await?;
+        self.unlink_reply(reply)
+    }
+
+    async fn rmdir(&self, req: Request<rpc::RmdirRequest>) -> Rpc<rpc::UnlinkReply> {
+        let r = req.into_inner();
+        let reply = self.propose(&r.hdr, Op::Rmdir { ns: r.ns, parent: r.parent, name: r.name }).await?;
+        self.unlink_reply(reply)
+    }
+
+    async fn rename(&self, req: Request<rpc::RenameRequest>) -> Rpc<rpc::RenameReply> {
+        let r = req.into_inner();
+        let op = Op::Rename {
+            ns: r.ns,
+            parent: r.parent,
+            name: r.name,
+            new_parent: r.new_parent,
+            new_name: r.new_name,
+            flags: r.flags,
+            keep_if_open: r.keep_if_open,
+        };
+        match self.propose(&r.hdr, op).await? {
+            Reply::Renamed { replaced_ino, orphaned } => Ok(Response::new(rpc::RenameReply { replaced_ino, orphaned })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn release_orphan(&self, req: Request<rpc::ReleaseOrphanRequest>) -> Rpc<rpc::UnlinkReply> {
+        let r = req.into_inner();
+        let reply = self.propose(&r.hdr, Op::ReleaseOrphan { ns: r.ns, ino: r.ino }).await?;
+        self.unlink_reply(reply)
+    }
+
+    async fn read_dir(&self, req: Request<rpc::ReadDirRequest>) -> Rpc<rpc::ReadDirReply> {
+        self.linearizable().await?;
+        let r = req.into_inner();
+        let limit = if r.limit == 0 { 1000 } else { r.limit as usize };
+        let listing = namespace::readdir(&self.view, r.ns, r.ino, &r.after, limit, r.plus).map_err(ns_err)?;
+        let entries = listing
+            .entries
+            .into_iter()
+            .map(|(name, ent, attr)| rpc::DirEntry {
+                name,
+                ino: ent.ino,
+                kind: ent.kind,
+                attr: attr.as_ref().map(|a| attr_to_rpc(a, PREFERRED_IO)),
+            })
+            .collect();
+        Ok(Response::new(rpc::ReadDirReply { entries, eof: listing.eof }))
+    }
+
+    async fn read_link(&self, req: Request<rpc::ReadLinkRequest>) -> Rpc<rpc::ReadLinkReply> {
+        self.linearizable().await?;
+        let r = req.into_inner();
+        let target = namespace::readlink(&self.view, r.ns, r.ino).map_err(ns_err)?;
+        Ok(Response::new(rpc::ReadLinkReply { target }))
+    }
+
+    async fn set_xattr(&self, req: Request<rpc::SetXattrRequest>) -> Rpc<rpc::AttrReply> {
+        let r = req.into_inner();
+        let op = Op::SetXattr { ns: r.ns, ino: r.ino, name: r.name, value: r.value, flags: r.flags };
+        let reply = self.propose(&r.hdr, op).await?;
+        self.attr_reply(reply)
+    }
+
+    async fn get_xattr(&self, req: Request<rpc::GetXattrRequest>) -> Rpc<rpc::GetXattrReply> {
+        self.linearizable().await?;
+        let r = req.into_inner();
+        let value = namespace::get_xattr(&self.view, r.ns, r.ino, &r.name).map_err(ns_err)?;
+        Ok(Response::new(rpc::GetXattrReply { value }))
+    }
+
+    async fn list_xattr(&self, req: Request<rpc::ListXattrRequest>) -> Rpc<rpc::ListXattrReply> {
+        self.linearizable().await?;
+        let r = req.into_inner();
+        let names = namespace::list_xattr(&self.view, r.ns, r.ino).map_err(ns_err)?;
+        Ok(Response::new(rpc::ListXattrReply { names }))
+    }
+
+    async fn remove_xattr(&self, req: Request<rpc::RemoveXattrRequest>) -> Rpc<rpc::AttrReply> {
+        let r = req.into_inner();
+        let reply = self.propose(&r.hdr, Op::RemoveXattr { ns: r.ns, ino: r.ino, name: r.name }).await?;
+        self.attr_reply(reply)
+    }
+
+    async fn stat_fs(&self, req: Request<rpc::StatFsRequest>) -> Rpc<rpc::StatFsReply> {
+        self.linearizable().await?;
+        let r = req.into_inner();
+        let rec = self.namespace(r.ns)?;
+        let usage = namespace::usage(&self.view, r.ns).map_err(storage)?;
+        let live = self.blockds.live();
+        let repl = rec.replication.max(1) as u64;
+        let raw_total: u64 = live.iter().map(|b| b.capacity).sum();
+        let raw_free: u64 = live.iter().map(|b| b.free).sum();
+        Ok(Response::new(rpc::StatFsReply {
+            total_bytes: raw_total / repl,
+            used_bytes: usage.bytes,
+            free_bytes: raw_free / repl,
+            inodes: usage.inodes,
+            block_size: rec.block_size,
+        }))
+    }
+
+    async fn allocate_blocks(&self, req: Request<rpc::AllocateBlocksRequest>) -> Rpc<rpc::AllocateBlocksReply> {
+        let r = req.into_inner();
+        if r.count == 0 || r.count > 1024 {
+            return Err(FsError::InvalidArgument("allocate 1..1024 blocks at a time".into()).into());
+        }
+        if !self.is_leader() {
+            return Err(not_leader(self.leader_node().as_ref()));
+        }
+        let rec = self.namespace(r.ns)?;
+        if rec.recovery_mode {
+            return Err(FsError::RecoveryReadOnly.into());
+        }
+        // Place before allocating ids so a cluster without blockds fails fast.
+        let mut placements = Vec::with_capacity(r.count as usize);
+        for _ in 0..r.count {
+            let p = self.blockds.place(rec.replication as usize, rec.block_size);
+            if p.is_empty() {
+                return Err(if self.blockds.live().is_empty() {
+                    FsError::Unavailable("no live blockd has reported to the metad leader yet".into())
+                } else {
+                    FsError::NoSpace("every live blockd is full".into())
+                }
+                .into());
+            }
+            placements.push(p);
+        }
+        match self.propose(&r.hdr, Op::AllocateBlocks { count: r.count }).await? {
+            Reply::BlockIds { first, count } => {
+                let blocks = (0..count as u64)
+                    .zip(placements)
+                    .map(|(i, replicas)| rpc::AllocatedBlock { block_id: first + i, replicas })
+                    .collect();
+                Ok(Response::new(rpc::AllocateBlocksReply { blocks }))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn get_blocks(&self, req: Request<rpc::GetBlocksRequest>) -> Rpc<rpc::GetBlocksReply> {
+        self.linearizable().await?;
+        let r = req.into_inner();
+        let count = if r.count == 0 { 1024 } else { r.count as usize };
+        let (attr, refs) = namespace::get_blocks(&self.view, r.ns, r.ino, r.first_index, count).map_err(ns_err)?;
+        let blocks = refs
+            .into_iter()
+            .map(|(index, b)| rpc::BlockRef { index, block_id: b.block_id, len: b.len, replicas: b.replicas })
+            .collect();
+        Ok(Response::new(rpc::GetBlocksReply { attr: Some(attr_to_rpc(&attr, PREFERRED_IO)), blocks }))
+    }
+
+    async fn commit_write(&self, req: Request<rpc::CommitWriteRequest>) -> Rpc<rpc::AttrReply> {
+        let r = req.into_inner();
+        let blocks = r
+            .blocks
+            .into_iter()
+            .map(|b| (b.index, BlockRec { block_id: b.block_id, len: b.len, replicas: b.replicas }))
+            .collect();
+        let op = Op::CommitWrite {
+            ns: r.ns,
+            ino: r.ino,
+            blocks,
+            size: r.size,
+            mtime: r.mtime.map(|t| t.as_nanos() as i64),
+        };
+        let reply = self.propose(&r.hdr, op).await?;
+        self.attr_reply(reply)
+    }
+
+    async fn heartbeat(&self, req: Request<rpc::HeartbeatRequest>) -> Rpc<rpc::HeartbeatReply> {
+        let r = req.into_inner();
+        if !self.is_leader() {
+            return Err(not_leader(self.leader_node().as_ref()));
+        }
+        if r.blockd_id.is_empty() || r.address.is_empty() {
+            return Err(FsError::InvalidArgument("heartbeat without blockd id or address".into()).into());
+        }
+        self.linearizable().await?;
+        let cluster_id = namespace::cluster_id(&self.view)
+            .map_err(storage)?
+            .ok_or_else(|| Status::from(FsError::Unavailable("cluster id not initialised yet".into())))?;
+        if !r.cluster_id.is_empty() && r.cluster_id != cluster_id {
+            return Err(FsError::ClusterMismatch(format!(
+                "blockd {} at {} belongs to cluster {}, this is cluster {}",
+                r.blockd_id, r.address, r.cluster_id, cluster_id
+            ))
+            .into());
+        }
+        self.blockds.heartbeat(BlockdInfo {
+            id: r.blockd_id,
+            address: r.address.clone(),
+            capacity: r.capacity_bytes,
+            free: r.free_bytes,
+            last_seen: std::time::Instant::now(),
+        });
+        let term = self.raft.metrics().borrow().current_term;
+        let garbage = namespace::garbage(&self.view, 10_000).map_err(storage)?;
+        let delete_blocks: Vec<u64> = garbage
+            .into_iter()
+            .filter(|(_, replicas)| replicas.iter().any(|a| *a == r.address))
+            .map(|(id, _)| id)
+            .take(1000)
+            .collect();
+        if !delete_blocks.is_empty() {
+            let op = Op::ForgetGarbage { replica: r.address, block_ids: delete_blocks.clone() };
+            self.propose(&None, op).await?;
+        }
+        Ok(Response::new(rpc::HeartbeatReply { cluster_id, term, delete_blocks }))
+    }
+
+    async fn status(&self, _req: Request<rpc::StatusRequest>) -> Rpc<rpc::NodeStatus> {
+        let m = self.raft.metrics().borrow().clone();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Learner => "learner",
+            ServerState::Candidate => "candidate",
+            ServerState::Shutdown => "shutdown",
+        };
+        let membership = m.membership_config.membership();
+        let me = membership.get_node(&self.node_id).cloned().unwrap_or_default();
+        let leader = m.current_leader.and_then(|l| membership.get_node(&l).cloned());
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let learners: Vec<u64> = membership.learner_ids().collect();
+        let cluster_id = namespace::cluster_id(&self.view).ok().flatten().unwrap_or_default();
+        Ok(Response::new(rpc::NodeStatus {
+            node_id: self.node_id,
+            rpc_address: if me.rpc_addr.is_empty() {
+                self.cfg.peer(self.node_id).map(|p| p.rpc_addr.clone()).unwrap_or_default()
+            } else {
+                me.rpc_addr
+            },
+            raft_address: me.raft_addr,
+            role: role.into(),
+            term: m.current_term,
+            commit_index: m.last_applied.map_or(0, |l| l.index),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            leader_id: m.current_leader.unwrap_or(0),
+            leader_address: leader.map(|n| n.rpc_addr).unwrap_or_default(),
+            cluster_id,
+            voters,
+            learners,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            live_blockds: if role == "leader" { self.blockds.live().len() as u32 } else { 0 },
+        }))
+    }
+}

@@ -1,0 +1,828 @@
+//! The FUSE filesystem: translates kernel requests into jfs-client calls.
+//!
+//! fuser dispatches requests on several threads; each callback blocks on
+//! the client future on our tokio runtime, so one slow call (a flush that
+//! waits for uploads) does not stall the others.
+//!
+//! Kernel caches: entry and attribute TTLs come from the options (default
+//! 1 s). Every mutation replies with the fresh attributes metad returned, so
+//! what this mount changed is never stale here; changes by *other* clients
+//! show up after the TTL (metadata) or at the next open (data: we never set
+//! keep_cache, so the page cache is dropped at open — close-to-open).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle as Fh, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
+};
+use jfs_client::{Attr, Client, DirEntry, FileHandle, FsError, SetAttrArgs, TimeArg, Timespec, NAME_MAX};
+use jfs_common::rpc::{S_IFDIR, S_IFLNK, S_IFMT, S_IFREG};
+
+/// FUSE's root inode number.
+const FUSE_ROOT: u64 = 1;
+/// Largest write the kernel sends us in one request.
+const MAX_WRITE: u32 = 1 << 20;
+/// st_blksize: tools such as cp size their buffers by it.
+const IO_SIZE: u32 = 1 << 20;
+
+pub struct JfsFs {
+    client: Client,
+    rt: tokio::runtime::Handle,
+    attr_ttl: Duration,
+    entry_ttl: Duration,
+    read_only: bool,
+    next_fh: AtomicU64,
+    files: Mutex<HashMap<u64, Arc<FileHandle>>>,
+    /// Directory listings by handle, taken at the first readdir call so
+    /// offsets stay stable while the directory changes.
+    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+}
+
+type R<T> = Result<T, Errno>;
+
+fn errno(e: FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn name_of(name: &OsStr) -> R<&[u8]> {
+    let b = name.as_bytes();
+    if b.len() > NAME_MAX {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    Ok(b)
+}
+
+fn to_time(t: Option<&Timespec>) -> SystemTime {
+    match t {
+        Some(t) if t.sec >= 0 => UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec.min(999_999_999)),
+        Some(t) => {
+            UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs())
+                + Duration::from_nanos(t.nsec.min(999_999_999) as u64)
+        }
+        None => UNIX_EPOCH,
+    }
+}
+
+fn from_time(t: SystemTime) -> Timespec {
+    let ns = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i128,
+        Err(e) => -(e.duration().as_nanos() as i128),
+    };
+    Timespec::from_nanos(ns)
+}
+
+fn kind_of(mode: u32) -> FileType {
+    match mode & S_IFMT {
+        S_IFDIR => FileType::Directory,
+        S_IFREG => FileType::RegularFile,
+        S_IFLNK => FileType::Symlink,
+        m if m == libc::S_IFIFO => FileType::NamedPipe,
+        m if m == libc::S_IFCHR => FileType::CharDevice,
+        m if m == libc::S_IFBLK => FileType::BlockDevice,
+        m if m == libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+impl JfsFs {
+    pub fn new(
+        client: Client,
+        rt: tokio::runtime::Handle,
+        attr_ttl: Duration,
+        entry_ttl: Duration,
+        read_only: bool,
+    ) -> JfsFs {
+        JfsFs {
+            client,
+            rt,
+            attr_ttl,
+            entry_ttl,
+            read_only,
+            next_fh: AtomicU64::new(1),
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn block<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// jfs inode ↔ FUSE inode: only the root differs (if it does at all).
+    fn ino(&self, fuse: INodeNo) -> u64 {
+        if fuse.0 == FUSE_ROOT {
+            self.client.root_ino()
+        } else {
+            fuse.0
+        }
+    }
+
+    fn fuse_ino(&self, ino: u64) -> INodeNo {
+        if ino == self.client.root_ino() {
+            INodeNo(FUSE_ROOT)
+        } else {
+            INodeNo(ino)
+        }
+    }
+
+    fn file_attr(&self, a: &Attr) -> FileAttr {
+        FileAttr {
+            ino: self.fuse_ino(a.ino),
+            size: a.size,
+            blocks: a.size.div_ceil(512),
+            atime: to_time(a.atime.as_ref()),
+            mtime: to_time(a.mtime.as_ref()),
+            ctime: to_time(a.ctime.as_ref()),
+            crtime: to_time(a.ctime.as_ref()),
+            kind: kind_of(a.mode),
+            perm: (a.mode & 0o7777) as u16,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            rdev: a.rdev,
+            blksize: if a.blksize > 0 { a.blksize } else { IO_SIZE },
+            flags: 0,
+        }
+    }
+
+    fn entry(&self, reply: ReplyEntry, res: R<Attr>) {
+        match res {
+            Ok(a) => reply.entry_with_ttls(
+                &self.attr_ttl,
+                &self.entry_ttl,
+                &self.file_attr(&a),
+                Generation(a.generation),
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn writable(&self) -> R<()> {
+        if self.read_only {
+            Err(Errno::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn handle(&self, fh: Fh) -> R<Arc<FileHandle>> {
+        lock(&self.files).get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    fn add_handle(&self, h: FileHandle) -> Fh {
+        let id = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.files).insert(id, Arc::new(h));
+        Fh(id)
+    }
+
+    fn do_setattr(&self, ino: u64, args: SetAttrArgs) -> R<Attr> {
+        self.writable()?;
+        self.block(self.client.setattr(ino, args)).map_err(errno)
+    }
+
+    fn dir_listing(&self, ino: u64, fh: Fh, offset: u64, plus: bool) -> R<Arc<Vec<DirEntry>>> {
+        if offset > 0 {
+            if let Some(l) = lock(&self.dirs).get(&fh.0) {
+                return Ok(l.clone());
+            }
+        }
+        let entries = self.block(self.client.readdir_all(ino, plus)).map_err(errno)?;
+        let l = Arc::new(entries);
+        lock(&self.dirs).insert(fh.0, l.clone());
+        Ok(l)
+    }
+
+    /// POSIX permission check for `access(2)` when the kernel does not do it
+    /// (no default_permissions).
+    fn check_access(req: &Request, a: &Attr, mask: AccessFlags) -> R<()> {
+        let want = mask.bits() & 0o7;
+        if want == 0 {
+            return Ok(());
+        }
+        let mode = a.mode & 0o777;
+        if req.uid() == 0 {
+            // root may do anything, except execute a file no one may execute.
+            if want & libc::X_OK != 0 && a.mode & S_IFMT != S_IFDIR && mode & 0o111 == 0 {
+                return Err(Errno::EACCES);
+            }
+            return Ok(());
+        }
+        let bits = if req.uid() == a.uid {
+            (mode >> 6) & 7
+        } else if req.gid() == a.gid {
+            (mode >> 3) & 7
+        } else {
+            mode & 7
+        };
+        if (bits as i32) & want == want {
+            Ok(())
+        } else {
+            Err(Errno::EACCES)
+        }
+    }
+}
+
+impl Filesystem for JfsFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(max) = config.set_max_write(MAX_WRITE) {
+            let _ = config.set_max_write(max);
+        }
+        // As much kernel readahead as the kernel offers (raised further
+        // through sysfs once mounted).
+        if let Err(max) = config.set_max_readahead(u32::MAX) {
+            let _ = config.set_max_readahead(max);
+        }
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        for cap in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_AUTO_INVAL_DATA,
+        ] {
+            // Not every kernel has every capability; none is required.
+            let _ = config.add_capabilities(cap);
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.block(self.client.flush_all()) {
+            tracing::error!(error = %e, "flushing open files at unmount failed; their last writes may be lost");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let res = name_of(name).and_then(|n| self.block(self.client.lookup(self.ino(parent), n)).map_err(errno));
+        self.entry(reply, res);
+    }
+
+    fn forget(&self, _req: &Request, _ino: INodeNo, _nlookup: u64) {
+        // Inode numbers are jfs's own; nothing to forget.
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<Fh>, reply: ReplyAttr) {
+        match self.block(self.client.getattr(self.ino(ino))) {
+            Ok(a) => reply.attr(&self.attr_ttl, &self.file_attr(&a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<Fh>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let t = |x: Option<TimeOrNow>| {
+            x.map(|x| match x {
+                TimeOrNow::Now => TimeArg::Now,
+                TimeOrNow::SpecificTime(t) => TimeArg::At(from_time(t)),
+            })
+        };
+        let args = SetAttrArgs {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: t(atime),
+            mtime: t(mtime),
+            ctime: ctime.map(from_time),
+        };
+        match self.do_setattr(self.ino(ino), args) {
+            Ok(a) => reply.attr(&self.attr_ttl, &self.file_attr(&a)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.block(self.client.readlink(self.ino(ino))) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        // The kernel already applied the umask to `mode`.
+        let res = self.writable().and_then(|_| name_of(name)).and_then(|n| {
+            self.block(
+                self.client
+                    .mknod(self.ino(parent), n, mode, req.uid(), req.gid(), rdev, true),
+            )
+            .map_err(errno)
+        });
+        self.entry(reply, res);
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        let res = self.writable().and_then(|_| name_of(name)).and_then(|n| {
+            self.block(self.client.mkdir(self.ino(parent), n, mode, req.uid(), req.gid()))
+                .map_err(errno)
+        });
+        self.entry(reply, res);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = self
+            .writable()
+            .and_then(|_| name_of(name))
+            .and_then(|n| self.block(self.client.unlink(self.ino(parent), n)).map_err(errno));
+        match res {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = self
+            .writable()
+            .and_then(|_| name_of(name))
+            .and_then(|n| self.block(self.client.rmdir(self.ino(parent), n)).map_err(errno));
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let res = self.writable().and_then(|_| name_of(link_name)).and_then(|n| {
+            self.block(
+                self.client
+                    .symlink(self.ino(parent), n, target.as_os_str().as_bytes(), req.uid(), req.gid()),
+            )
+            .map_err(errno)
+        });
+        self.entry(reply, res);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let res = (|| {
+            self.writable()?;
+            if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+                return Err(Errno::EINVAL);
+            }
+            let mut f = 0;
+            if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+                f |= jfs_client::RENAME_NOREPLACE;
+            }
+            if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                f |= jfs_client::RENAME_EXCHANGE;
+            }
+            let (n, nn) = (name_of(name)?, name_of(newname)?);
+            self.block(self.client.rename(self.ino(parent), n, self.ino(newparent), nn, f))
+                .map_err(errno)
+        })();
+        match res {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let res = self.writable().and_then(|_| name_of(newname)).and_then(|n| {
+            self.block(self.client.link(self.ino(ino), self.ino(newparent), n))
+                .map_err(errno)
+        });
+        self.entry(reply, res);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.read_only && flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        match self.block(self.client.open_file(self.ino(ino))) {
+            // No FOPEN_KEEP_CACHE: the kernel drops cached pages at open, so
+            // data committed by other clients is seen (close-to-open).
+            Ok(h) => reply.opened(self.add_handle(h), FopenFlags::empty()),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: Fh,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let res = self
+            .handle(fh)
+            .and_then(|h| self.block(h.read_at(offset, size as usize)).map_err(errno));
+        match res {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: Fh,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let res = self
+            .writable()
+            .and_then(|_| self.handle(fh))
+            .and_then(|h| self.block(h.write_at(offset, data)).map_err(errno));
+        match res {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: Fh, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        match self.handle(fh).and_then(|h| self.block(h.flush()).map_err(errno)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: Fh,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let h = lock(&self.files).remove(&fh.0);
+        match h {
+            Some(h) => match self.block(h.release()) {
+                Ok(()) => reply.ok(),
+                Err(e) => {
+                    // close(2) has already returned; the error was logged
+                    // by the upload that failed and reported by flush.
+                    tracing::error!(ino = h.ino(), error = %e, "release: data not committed");
+                    reply.error(errno(e))
+                }
+            },
+            None => reply.error(Errno::EBADF),
+        }
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: Fh, _datasync: bool, reply: ReplyEmpty) {
+        match self.handle(fh).and_then(|h| self.block(h.fsync()).map_err(errno)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let id = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        reply.opened(Fh(id), FopenFlags::empty());
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: Fh, offset: u64, mut reply: ReplyDirectory) {
+        let dir = self.ino(ino);
+        let list = match self.dir_listing(dir, fh, offset, false) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
+        };
+        // Offsets: 1 = ".", 2 = "..", 3.. = entries; each entry carries the
+        // offset of the one after it.
+        let mut i = offset;
+        loop {
+            let full = match i {
+                0 => reply.add(ino, 1, FileType::Directory, "."),
+                1 => reply.add(ino, 2, FileType::Directory, ".."),
+                _ => match list.get((i - 2) as usize) {
+                    Some(e) => reply.add(self.fuse_ino(e.ino), i + 1, kind_of(e.kind), OsStr::from_bytes(&e.name)),
+                    None => break,
+                },
+            };
+            if full {
+                break;
+            }
+            i += 1;
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: Fh, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let dir = self.ino(ino);
+        let list = match self.dir_listing(dir, fh, offset, true) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
+        };
+        let dot_attr = if offset < 2 {
+            match self.block(self.client.getattr(dir)) {
+                Ok(a) => Some(self.file_attr(&a)),
+                Err(e) => return reply.error(errno(e)),
+            }
+        } else {
+            None
+        };
+        let mut i = offset;
+        loop {
+            let full = match (i, &dot_attr) {
+                // The kernel makes no dentries for "." and ".."; their
+                // attributes only need to be well formed.
+                (0, Some(a)) => reply.add(ino, 1, ".", &Duration::ZERO, a, Generation(0)),
+                (1, Some(a)) => reply.add(ino, 2, "..", &Duration::ZERO, a, Generation(0)),
+                _ => match list.get((i.max(2) - 2) as usize) {
+                    Some(e) => {
+                        let Some(a) = &e.attr else {
+                            // metad sent no attributes: let the kernel look it up.
+                            i += 1;
+                            continue;
+                        };
+                        let fa = self.file_attr(a);
+                        reply.add(
+                            fa.ino,
+                            i + 1,
+                            OsStr::from_bytes(&e.name),
+                            &self.entry_ttl,
+                            &fa,
+                            Generation(a.generation),
+                        )
+                    }
+                    None => break,
+                },
+            };
+            if full {
+                break;
+            }
+            i += 1;
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: Fh, _flags: OpenFlags, reply: ReplyEmpty) {
+        lock(&self.dirs).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: Fh, _datasync: bool, reply: ReplyEmpty) {
+        // Metadata is committed (fsynced on a majority) before each reply.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        const FRSIZE: u64 = 4096;
+        match self.block(self.client.statfs()) {
+            Ok(s) => {
+                let blocks = s.total_bytes / FRSIZE;
+                let free = (s.free_bytes / FRSIZE).min(blocks);
+                // jfs has no inode limit; report plenty free.
+                let ffree = 1u64 << 32;
+                reply.statfs(
+                    blocks,
+                    free,
+                    free,
+                    s.inodes + ffree,
+                    ffree,
+                    IO_SIZE,
+                    NAME_MAX as u32,
+                    FRSIZE as u32,
+                )
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let res = (|| {
+            self.writable()?;
+            let name = name.as_bytes();
+            if name.starts_with(b"system.posix_acl_") {
+                // ACLs are not enforced by jfs; storing them would pretend they are.
+                return Err(Errno::EOPNOTSUPP);
+            }
+            self.block(self.client.setxattr(self.ino(ino), name, value, flags as u32))
+                .map_err(errno)
+        })();
+        match res {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = name.as_bytes();
+        if name.starts_with(b"system.posix_acl_") {
+            return reply.error(Errno::ENODATA);
+        }
+        match self.block(self.client.getxattr(self.ino(ino), name)) {
+            Ok(v) => xattr_reply(reply, size, &v),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.block(self.client.listxattr(self.ino(ino))) {
+            Ok(names) => {
+                let mut buf = Vec::new();
+                for n in names {
+                    buf.extend_from_slice(&n);
+                    buf.push(0);
+                }
+                xattr_reply(reply, size, &buf)
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = self.writable().and_then(|_| {
+            self.block(self.client.removexattr(self.ino(ino), name.as_bytes()))
+                .map_err(errno)
+        });
+        match res {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if self.read_only && mask.contains(AccessFlags::W_OK) {
+            return reply.error(Errno::EROFS);
+        }
+        let res = self
+            .block(self.client.getattr(self.ino(ino)))
+            .map_err(errno)
+            .and_then(|a| Self::check_access(req, &a, mask));
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let res = (|| {
+            self.writable()?;
+            let n = name_of(name)?;
+            let exclusive = flags & libc::O_EXCL != 0;
+            let attr = self
+                .block(self.client.mknod(
+                    self.ino(parent),
+                    n,
+                    S_IFREG | (mode & 0o7777),
+                    req.uid(),
+                    req.gid(),
+                    0,
+                    exclusive,
+                ))
+                .map_err(errno)?;
+            let h = self.block(self.client.open_created(&attr)).map_err(errno)?;
+            let attr = if flags & libc::O_TRUNC != 0 && attr.size > 0 {
+                // An existing file came back (not O_EXCL) and O_TRUNC asks to empty it.
+                let args = SetAttrArgs {
+                    size: Some(0),
+                    ..Default::default()
+                };
+                self.block(self.client.setattr(attr.ino, args)).map_err(errno)?
+            } else {
+                attr
+            };
+            Ok((attr, h))
+        })();
+        match res {
+            Ok((a, h)) => {
+                let fh = self.add_handle(h);
+                reply.created(
+                    &self.entry_ttl,
+                    &self.file_attr(&a),
+                    Generation(a.generation),
+                    fh,
+                    FopenFlags::empty(),
+                )
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: Fh,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // isatty() and friends ask this of every file; jfs files have no ioctls.
+        reply.error(Errno::ENOTTY);
+    }
+
+    fn lseek(&self, _req: &Request, _ino: INodeNo, _fh: Fh, _offset: i64, _whence: i32, reply: fuser::ReplyLseek) {
+        // ENOSYS makes the kernel seek by itself from now on (no SEEK_HOLE support).
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: Fh,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: Fh,
+        _offset_out: u64,
+        _len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        // ENOSYS makes the kernel fall back to read + write.
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: Fh,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EOPNOTSUPP);
+    }
+}
+
+/// getxattr/listxattr protocol: size 0 asks for the length; a buffer too
+/// small is ERANGE.
+fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if data.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Runs every jfs test: the unit tests of every crate, then the integration
+# tests (tests/: real metad, blockd and jfs-mountd processes and real FUSE
+# mounts). Installs missing dependencies first. Needs root and /dev/fuse.
+#
+# CARGO_TARGET_DIR defaults to /var/cache/jfs-target, outside the clone, so
+# repeated runs on one machine reuse the build. Extra arguments go to the
+# integration test binaries, e.g. `bash scripts/test.sh two_mounts`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-deps.sh
+if ! command -v cargo >/dev/null 2>&1 && [[ -x "$HOME/.cargo/bin/cargo" ]]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+
+# The integration tests mount filesystems and start daemons: without root or
+# FUSE they cannot run, and skipping them would report a pass that means nothing.
+if [[ $(id -u) -ne 0 ]]; then
+    echo "test.sh: FAILED: the integration tests must run as root (they mount FUSE filesystems)" >&2
+    exit 1
+fi
+if [[ ! -c /dev/fuse ]]; then
+    echo "test.sh: FAILED: /dev/fuse is missing; the integration tests need FUSE" >&2
+    exit 1
+fi
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/jfs-target}"
+mkdir -p "$CARGO_TARGET_DIR"
+CARGO_TARGET_DIR="$(realpath "$CARGO_TARGET_DIR")"
+export JFS_BIN_DIR="$CARGO_TARGET_DIR/release"
+# Everything the integration tests create (state, mounts) goes under one
+# directory of this run, so cleanup below touches nothing else.
+export JFS_TEST_TMPDIR
+JFS_TEST_TMPDIR="$(mktemp -d /tmp/jfs-test-run-XXXXXX)"
+chmod 755 "$JFS_TEST_TMPDIR"
+
+cleanup() {
+    # Normally every test cleans up after itself; this catches a run killed by the timeout.
+    local m pidfile pid
+    { grep -F " $JFS_TEST_TMPDIR/" /proc/self/mountinfo || true; } | awk '{print $5}' | sort -r |
+        while read -r m; do
+            echo "test.sh: cleanup: detaching leftover mount $m" >&2
+            umount -l "$m" || true
+        done
+    for pidfile in "$JFS_TEST_TMPDIR"/*/state/run/*.pid; do
+        [[ -f $pidfile ]] || continue
+        pid=$(cat "$pidfile")
+        if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF "$JFS_TEST_TMPDIR"; then
+            echo "test.sh: cleanup: killing leftover daemon $pid ($pidfile)" >&2
+            kill -9 "$pid" || true
+        fi
+    done
+    rm -rf --one-file-system "$JFS_TEST_TMPDIR" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+echo "test.sh: building (target dir $CARGO_TARGET_DIR)"
+# `cargo test` does not build other packages' binaries; the integration tests run them.
+cargo build --release --workspace --bins
+cargo test --release --workspace --no-run
+
+echo "test.sh: unit tests"
+cargo test --release --workspace --exclude jfs-tests
+
+echo "test.sh: integration tests"
+# Two tests at a time (each runs a 7-process cluster); the time limit keeps a
+# hung mount from eating the whole CI budget.
+timeout --kill-after=60 45m cargo test --release -p jfs-tests -- --test-threads=2 "$@"

@@ -67,7 +67,8 @@ struct State {
     pending: BTreeMap<u64, BlockRef>,
     next_version: u64,
     in_flight: usize,
-    /// First error of a background upload, reported by the next write or flush.
+    /// First error of a background upload: every later write and flush of
+    /// this file fails with it until the last handle is released.
     error: Option<FsError>,
 }
 
@@ -278,7 +279,7 @@ impl OpenInode {
             // unreferenced block is collected on the blockds later).
             Ok(_) => {}
             Err(e) => {
-                tracing::error!(ino = self.ino, index, error = %e, "background block upload failed; the next write or flush reports it");
+                tracing::error!(ino = self.ino, index, error = %e, "background block upload failed; writes and flushes of this file fail until it is closed");
                 st.error.get_or_insert(e);
             }
         }
@@ -335,8 +336,10 @@ impl OpenInode {
     async fn commit(&self, client: &Client) -> FsResult<()> {
         let (blocks, size) = {
             let mut st = lock(&self.state);
-            if let Some(e) = st.error.take() {
-                return Err(e);
+            // Sticky until the last handle closes: committing the blocks
+            // that did arrive would publish a file with a piece missing.
+            if let Some(e) = &st.error {
+                return Err(e.clone());
             }
             if st.pending.is_empty() && !st.size_dirty {
                 return Ok(());

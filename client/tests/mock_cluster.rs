@@ -304,12 +304,17 @@ struct MockBlock {
     blocks: Arc<Mutex<HashMap<u64, Vec<u8>>>>,
     /// Every read fails (a bad disk).
     broken: bool,
+    /// Writes fail with "no space" while set.
+    full: Arc<AtomicBool>,
     reads: Arc<AtomicU32>,
 }
 
 #[tonic::async_trait]
 impl block_server::Block for MockBlock {
     async fn write_block(&self, r: Request<Streaming<rpc::WriteBlockChunk>>) -> Res<rpc::WriteBlockReply> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(fs_err(FsError::NoSpace("mock disk is full".into())));
+        }
         let mut s = r.into_inner();
         let mut id = 0;
         let mut total = 0;
@@ -623,4 +628,30 @@ async fn big_sequential_write_streams_and_random_reads_work() {
     }
     h.release().await.unwrap();
     assert!(read_all(&c, a.ino).await == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_errors_surface_and_nothing_partial_is_committed() {
+    let cl = cluster(false).await;
+    let c = client(&cl).await;
+    let a = c.create(ROOT, b"full", 0o644, 0, 0, true).await.unwrap();
+    let h = c.open_created(&a).await.unwrap();
+    h.write_at(0, &pattern(BS as usize, 1)).await.unwrap();
+    h.flush().await.unwrap();
+    cl.good.full.store(true, Ordering::SeqCst);
+    // Two more full blocks: their uploads fail in the background.
+    h.write_at(BS, &pattern(2 * BS as usize, 2)).await.unwrap();
+    let e = h.flush().await.unwrap_err();
+    assert!(matches!(e, FsError::NoSpace(_)), "{e:?}");
+    assert_eq!(e.errno(), libc::ENOSPC);
+    // The error stays until close; nothing of the failed write is committed.
+    assert!(h.write_at(3 * BS, b"x").await.is_err());
+    cl.good.full.store(false, Ordering::SeqCst);
+    assert!(h.release().await.is_err());
+    assert_eq!(c.getattr(a.ino).await.unwrap().size, BS);
+    // A new open starts clean.
+    let h = c.open_file(a.ino).await.unwrap();
+    h.write_at(BS, b"ok").await.unwrap();
+    h.release().await.unwrap();
+    assert_eq!(c.getattr(a.ino).await.unwrap().size, BS + 2);
 }

@@ -15,7 +15,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -45,6 +45,9 @@ pub struct JfsFs {
     /// Directory listings by handle, taken at the first readdir call so
     /// offsets stay stable while the directory changes.
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    /// Set once the session exists; used to tell the kernel that the
+    /// attributes it cached are stale after a commit changed them.
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 type R<T> = Result<T, Errno>;
@@ -104,6 +107,7 @@ impl JfsFs {
         attr_ttl: Duration,
         entry_ttl: Duration,
         read_only: bool,
+        notifier: Arc<OnceLock<fuser::Notifier>>,
     ) -> JfsFs {
         JfsFs {
             client,
@@ -114,7 +118,26 @@ impl JfsFs {
             next_fh: AtomicU64::new(1),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
+            notifier,
         }
+    }
+
+    /// Flushes a handle; when that committed data, the kernel's cached
+    /// attributes (mtime, ctime) are stale: drop them (attributes only,
+    /// offset -1 keeps the page cache).
+    fn flush_handle(&self, h: &FileHandle, release: bool) -> R<()> {
+        let committed = self.client.local_size(h.ino()).is_some();
+        let res = if release {
+            self.block(h.release())
+        } else {
+            self.block(h.flush())
+        };
+        if committed {
+            if let Some(n) = self.notifier.get() {
+                let _ = n.inval_inode(self.fuse_ino(h.ino()), -1, 0);
+            }
+        }
+        res.map_err(errno)
     }
 
     fn block<F: std::future::Future>(&self, f: F) -> F::Output {
@@ -484,7 +507,7 @@ impl Filesystem for JfsFs {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: Fh, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        match self.handle(fh).and_then(|h| self.block(h.flush()).map_err(errno)) {
+        match self.handle(fh).and_then(|h| self.flush_handle(&h, false)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -502,13 +525,12 @@ impl Filesystem for JfsFs {
     ) {
         let h = lock(&self.files).remove(&fh.0);
         match h {
-            Some(h) => match self.block(h.release()) {
+            Some(h) => match self.flush_handle(&h, true) {
                 Ok(()) => reply.ok(),
                 Err(e) => {
-                    // close(2) has already returned; the error was logged
-                    // by the upload that failed and reported by flush.
-                    tracing::error!(ino = h.ino(), error = %e, "release: data not committed");
-                    reply.error(errno(e))
+                    // close(2) has already returned; flush reported it too.
+                    tracing::error!(ino = h.ino(), errno = ?e, "release: the file's last writes were not committed");
+                    reply.error(e)
                 }
             },
             None => reply.error(Errno::EBADF),
@@ -516,7 +538,7 @@ impl Filesystem for JfsFs {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: Fh, _datasync: bool, reply: ReplyEmpty) {
-        match self.handle(fh).and_then(|h| self.block(h.fsync()).map_err(errno)) {
+        match self.handle(fh).and_then(|h| self.flush_handle(&h, false)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }

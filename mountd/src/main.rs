@@ -393,7 +393,15 @@ fn run_daemon(namespace: &str, mountpoint: &Path, conf: &Path, opts: &MountOpts)
     };
     let attr_ttl = opts.attr_timeout.unwrap_or(cfg.attr_timeout);
     let entry_ttl = opts.entry_timeout.unwrap_or(cfg.entry_timeout);
-    let fs = fuse_ops::JfsFs::new(client.clone(), rt.handle().clone(), attr_ttl, entry_ttl, opts.read_only);
+    let notifier = Arc::new(std::sync::OnceLock::new());
+    let fs = fuse_ops::JfsFs::new(
+        client.clone(),
+        rt.handle().clone(),
+        attr_ttl,
+        entry_ttl,
+        opts.read_only,
+        notifier.clone(),
+    );
 
     let mut mcfg = fuser::Config::default();
     mcfg.mount_options = vec![
@@ -419,6 +427,7 @@ fn run_daemon(namespace: &str, mountpoint: &Path, conf: &Path, opts: &MountOpts)
         Ok(s) => s,
         Err(e) => return fail(format!("cannot mount on {}: {e}", mountpoint.display())),
     };
+    let _ = notifier.set(session.notifier());
     // Mounted. From here on nobody reads our stderr pipe.
     if let Some(f) = &log_file {
         redirect_stdio(f);

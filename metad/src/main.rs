@@ -9,6 +9,7 @@
 mod blockd_registry;
 mod keys;
 mod kv;
+mod lease;
 mod namespace;
 mod raft_network;
 mod raft_store;
@@ -104,6 +105,12 @@ async fn ensure_cluster_id(raft: Raft, view: raft_store::SmView, node_id: u64) {
     }
 }
 
+/// Accepted connections with Nagle off: our requests are small and latency
+/// bound (a delayed ACK would add ~40 ms to each round trip).
+fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
@@ -144,11 +151,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let sm = raft_store::StateMachine::new(db.clone(), &data_dir).map_err(|e| anyhow!("{e}"))?;
     let view = sm.view();
     let rcfg = Arc::new(raft_config(&cfg)?);
-    let raft = Raft::new(me.id, rcfg, raft_network::Network, log_store, sm)
+    let lease = Arc::new(lease::LeaseTracker::default());
+    let network = raft_network::Network { lease: lease.clone() };
+    let raft = Raft::new(me.id, rcfg.clone(), network, log_store, sm)
         .await
         .map_err(|e| anyhow!("cannot start raft: {e}"))?;
 
-    if !raft.is_initialized().await.map_err(|e| anyhow!("{e}"))? {
+    let fresh = !raft.is_initialized().await.map_err(|e| anyhow!("{e}"))?;
+    if fresh {
         let members: BTreeMap<u64, MetaNode> = cfg
             .peers
             .iter()
@@ -164,7 +174,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let blockds = Arc::new(BlockdRegistry::new(cfg.blockd_dead_after));
     tokio::spawn(ensure_cluster_id(raft.clone(), view.clone(), me.id));
 
-    let meta = service::MetaService { raft: raft.clone(), view, node_id: me.id, cfg: cfg.clone(), blockds };
+    let meta = service::MetaService {
+        raft: raft.clone(),
+        lease,
+        // Followers honour a leader for election_timeout_max after hearing
+        // from it; we use a quarter of that.
+        lease_duration: Duration::from_millis(rcfg.election_timeout_min / 2),
+        view,
+        node_id: me.id,
+        cfg: cfg.clone(),
+        blockds,
+    };
     let rpc_addr = resolve(&me.rpc_addr).await?;
     let raft_addr = resolve(&me.raft_addr).await?;
     let rpc_listener = tokio::net::TcpListener::bind(rpc_addr)
@@ -178,7 +198,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let meta_svc = MetaServer::new(meta)
         .max_decoding_message_size(jfs_common::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(jfs_common::MAX_MESSAGE_BYTES);
-    let raft_svc = RaftServer::new(raft_network::RaftService::new(raft.clone()))
+    // A brand-new node has never acknowledged a leader, so it has no lease to honour.
+    let vote_quiet = if fresh { Duration::ZERO } else { Duration::from_millis(rcfg.election_timeout_max) };
+    let raft_svc = RaftServer::new(raft_network::RaftService::new(raft.clone(), vote_quiet))
         .max_decoding_message_size(jfs_common::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(jfs_common::MAX_MESSAGE_BYTES);
 
@@ -188,13 +210,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let rpc_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(meta_svc)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(rpc_listener), async move {
+        .serve_with_incoming_shutdown(incoming(rpc_listener), async move {
             let _ = stop_a.changed().await;
         });
     let raft_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(raft_svc)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(raft_listener), async move {
+        .serve_with_incoming_shutdown(incoming(raft_listener), async move {
             let _ = stop_b.changed().await;
         });
     let servers = tokio::spawn(async move { tokio::try_join!(rpc_server, raft_server) });

@@ -4,7 +4,8 @@
 //! response types, bincode-encoded. The client half implements openraft's
 //! `RaftNetwork`; the server half feeds incoming payloads to the local Raft.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -21,17 +22,20 @@ use jfs_common::rpc::raft_client::RaftClient;
 use jfs_common::rpc::raft_server;
 use jfs_common::rpc::RaftPayload;
 
+use crate::lease::LeaseTracker;
 use crate::raft_types::{MetaNode, NodeId, Raft, TypeConfig};
 
 // ------------------------------------------------------------------ client
 
-pub struct Network;
+pub struct Network {
+    pub lease: Arc<LeaseTracker>,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &MetaNode) -> PeerClient {
-        PeerClient { target, addr: node.raft_addr.clone(), client: None }
+        PeerClient { target, addr: node.raft_addr.clone(), client: None, lease: self.lease.clone() }
     }
 }
 
@@ -39,6 +43,7 @@ pub struct PeerClient {
     target: NodeId,
     addr: String,
     client: Option<RaftClient<Channel>>,
+    lease: Arc<LeaseTracker>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +121,15 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        self.call(RpcKind::Append, &rpc, &option).await
+        let sent_at = Instant::now();
+        let term = rpc.vote.leader_id().term;
+        let resp: AppendEntriesResponse<NodeId> = self.call(RpcKind::Append, &rpc, &option).await?;
+        // Any answer but HigherVote means the follower accepted this leader
+        // and restarted its own lease clock no earlier than `sent_at`.
+        if rpc.vote.is_committed() && !matches!(resp, AppendEntriesResponse::HigherVote(_)) {
+            self.lease.record_ack(self.target, term, sent_at);
+        }
+        Ok(resp)
     }
 
     async fn install_snapshot(
@@ -136,11 +149,16 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 
 pub struct RaftService {
     raft: Raft,
+    started: Instant,
+    vote_quiet_period: Duration,
 }
 
 impl RaftService {
-    pub fn new(raft: Raft) -> Self {
-        RaftService { raft }
+    /// `vote_quiet_period`: how long after start-up this node refuses to
+    /// vote, because it has forgotten when it last heard from a leader whose
+    /// lease may still run (see `lease`).
+    pub fn new(raft: Raft, vote_quiet_period: Duration) -> Self {
+        RaftService { raft, started: Instant::now(), vote_quiet_period }
     }
 }
 
@@ -163,6 +181,9 @@ impl raft_server::Raft for RaftService {
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc: VoteRequest<NodeId> = decode(req.get_ref())?;
+        if self.started.elapsed() < self.vote_quiet_period {
+            return Err(Status::unavailable("node restarted recently and does not vote until any old leader lease has run out"));
+        }
         encode(&self.raft.vote(rpc).await)
     }
 

@@ -56,9 +56,13 @@ pub async fn create_namespace(
     let ns = meta_client(cfg)
         .create_namespace(name, block_size.unwrap_or(0), replication.unwrap_or(0), if_not_exists)
         .await?;
-    println!(
+    crate::say!(
         "namespace {:?}: id {}, block size {}, replication {} — use it as jfs://{}/",
-        ns.name, ns.id, ns.block_size, ns.replication, ns.name
+        ns.name,
+        ns.id,
+        ns.block_size,
+        ns.replication,
+        ns.name
     );
     Ok(())
 }
@@ -82,10 +86,8 @@ pub async fn list_namespaces(cfg: &Config) -> CliResult<()> {
             ]
         })
         .collect();
-    print!(
-        "{}",
-        format_table(&["NAME", "ID", "BLOCK SIZE", "REPLICATION", "MODE"], &rows)
-    );
+    let table = format_table(&["NAME", "ID", "BLOCK SIZE", "REPLICATION", "MODE"], &rows);
+    crate::say!("{}", table.trim_end());
     Ok(())
 }
 

@@ -232,7 +232,7 @@ async fn count(client: &Client, uri: &JfsUri) -> CliResult<()> {
             }
         }
     }
-    println!("{}", format_count(&c, &uri.to_string()));
+    crate::say!("{}", format_count(&c, &uri.to_string()));
     Ok(())
 }
 

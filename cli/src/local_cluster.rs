@@ -113,6 +113,7 @@ impl Layout {
                     self.state.join(&name).into(),
                 ],
                 data_dir: self.state.join(&name),
+                addr: p.rpc_addr.clone(),
                 name,
                 binary: "jfs-metad",
             });
@@ -129,6 +130,7 @@ impl Layout {
                     format!("{ip}:{}", blockd_port(j)).into(),
                 ],
                 data_dir: self.state.join(&name),
+                addr: format!("{ip}:{}", blockd_port(j)),
                 name,
                 binary: "jfs-blockd",
             });
@@ -141,6 +143,8 @@ struct Daemon {
     name: String,
     binary: &'static str,
     args: Vec<OsString>,
+    /// Where it serves once up (metad: client RPC; blockd: Block RPC).
+    addr: String,
     data_dir: PathBuf,
 }
 
@@ -424,7 +428,7 @@ fn prepare_state(dir: &Path, ip: Option<&str>) -> CliResult<(Layout, Config, Str
     if !conf.exists() {
         let ip = ip.unwrap_or(DEFAULT_IP);
         write_atomic(&conf, &local_config_text(&layout.state, ip))?;
-        println!("wrote {} (cluster on {ip})", conf.display());
+        crate::say!("wrote {} (cluster on {ip})", conf.display());
     }
     let cfg = crate::load_config(&conf)?;
     let conf_ip = host_of(&cfg.peers[0].rpc_addr).to_string();
@@ -455,11 +459,11 @@ pub async fn up(dir: &Path, ip: Option<&str>, mountpoint: &Path) -> CliResult<()
             Some(pid) => {
                 // Re-record the pid in case the file was lost.
                 write_atomic(&layout.pid_file(&d.name), &format!("{pid}\n"))?;
-                println!("{:<8} already running (pid {pid})", d.name);
+                crate::say!("{:<8} already running (pid {pid})", d.name);
             }
             None => {
                 let child = spawn(&layout, d)?;
-                println!(
+                crate::say!(
                     "{:<8} started (pid {}, log {})",
                     d.name,
                     child.id(),
@@ -470,13 +474,13 @@ pub async fn up(dir: &Path, ip: Option<&str>, mountpoint: &Path) -> CliResult<()
         }
     }
 
-    wait_ready(&layout, &cfg, &mut children).await?;
+    wait_ready(&layout, &cfg, &daemons, &mut children).await?;
     // Our children keep running after we exit; dropping a Child neither kills nor waits.
     drop(children);
 
     match admin::ensure_namespace(&cfg, NAMESPACE).await? {
-        true => println!("namespace {NAMESPACE:?} created"),
-        false => println!("namespace {NAMESPACE:?} exists"),
+        true => crate::say!("namespace {NAMESPACE:?} created"),
+        false => crate::say!("namespace {NAMESPACE:?} exists"),
     }
 
     let mp = ensure_mounted(&layout, mountpoint).await?;
@@ -485,7 +489,7 @@ pub async fn up(dir: &Path, ip: Option<&str>, mountpoint: &Path) -> CliResult<()
         mounts.push(mp.clone());
         write_mounts(&layout, &mounts)?;
     }
-    println!(
+    crate::say!(
         "ready in {:.1}s: jfs://{NAMESPACE}/ is mounted at {}\n  status: jfs metastatus --dir {}\n  logs:   {}\n  stop:   jfs local down --dir {}",
         started_at.elapsed().as_secs_f64(),
         mp.display(),
@@ -496,11 +500,24 @@ pub async fn up(dir: &Path, ip: Option<&str>, mountpoint: &Path) -> CliResult<()
     Ok(())
 }
 
-/// Waits until a metad leader exists and has heard from at least one blockd.
-async fn wait_ready(layout: &Layout, cfg: &Config, children: &mut [(String, Child)]) -> CliResult<()> {
-    println!("waiting for a metad leader and a blockd heartbeat...");
+/// Waits until a metad leader exists and has heard from at least one blockd,
+/// and every daemon started by this run answers on its address (so a node
+/// brought back is really back when we say so).
+async fn wait_ready(
+    layout: &Layout,
+    cfg: &Config,
+    daemons: &[Daemon],
+    children: &mut [(String, Child)],
+) -> CliResult<()> {
+    crate::say!("waiting for a metad leader and a blockd heartbeat...");
     let deadline = Instant::now() + READY_DEADLINE;
+    let probe_timeout = Duration::from_secs(1);
     let mut leader_seen: Option<String> = None;
+    // Started daemons not yet seen answering.
+    let mut pending: Vec<&Daemon> = daemons
+        .iter()
+        .filter(|d| children.iter().any(|(n, _)| *n == d.name))
+        .collect();
     loop {
         for (name, child) in children.iter_mut() {
             if let Ok(Some(status)) = child.try_wait() {
@@ -512,38 +529,68 @@ async fn wait_ready(layout: &Layout, cfg: &Config, children: &mut [(String, Chil
                 )));
             }
         }
+        let mut still = Vec::new();
+        for d in pending {
+            let up = if d.binary == "jfs-metad" {
+                metastatus::probe(&d.addr, probe_timeout).await.is_ok()
+            } else {
+                matches!(
+                    tokio::time::timeout(probe_timeout, tokio::net::TcpStream::connect(&d.addr)).await,
+                    Ok(Ok(_))
+                )
+            };
+            if !up {
+                still.push(d);
+            }
+        }
+        pending = still;
+        let mut ready = None;
         for peer in &cfg.peers {
-            let Ok(st) = metastatus::probe(&peer.rpc_addr, Duration::from_secs(1)).await else {
+            let Ok(st) = metastatus::probe(&peer.rpc_addr, probe_timeout).await else {
                 continue;
             };
             if st.role == "leader" {
                 leader_seen = Some(format!("metad{} ({})", peer.id, peer.rpc_addr));
                 if st.live_blockds >= 1 {
-                    println!(
-                        "metad leader: node {} ({}), term {}; {} blockd(s) live",
-                        peer.id, peer.rpc_addr, st.term, st.live_blockds
-                    );
-                    return Ok(());
+                    ready = Some((peer, st));
                 }
+                break;
             }
         }
+        if let (Some((peer, st)), true) = (&ready, pending.is_empty()) {
+            crate::say!(
+                "metad leader: node {} ({}), term {}; {} blockd(s) live",
+                peer.id,
+                peer.rpc_addr,
+                st.term,
+                st.live_blockds
+            );
+            return Ok(());
+        }
         if Instant::now() >= deadline {
-            let why = match &leader_seen {
-                None => format!(
+            let why = match (&leader_seen, &ready, pending.first()) {
+                (None, _, _) => format!(
                     "no metad leader was elected; read {} (and metad2, metad3) for why",
                     layout.log("metad1").display()
                 ),
-                Some(l) => format!(
+                (Some(l), None, _) => format!(
                     "{l} is leader but no blockd has heartbeated to it; read {} (and blockd2, blockd3) for why",
                     layout.log("blockd1").display()
                 ),
+                (Some(_), Some(_), Some(d)) => format!(
+                    "{} was started but does not answer on {}; read {}",
+                    d.name,
+                    d.addr,
+                    layout.log(&d.name).display()
+                ),
+                (Some(_), Some(_), None) => "the cluster did not settle".to_string(),
             };
             return Err(CliError::Failed(format!(
                 "cluster not ready after {}s: {why}",
                 READY_DEADLINE.as_secs()
             )));
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -554,7 +601,7 @@ async fn ensure_mounted(layout: &Layout, mountpoint: &Path) -> CliResult<PathBuf
         .map_err(|e| io_err(format!("cannot resolve mountpoint {}", mountpoint.display()), e))?;
     if let Some(m) = mount_at(&abs) {
         if m.fstype.starts_with("fuse") && mount_is_dead(&abs) {
-            println!(
+            crate::say!(
                 "mount at {} is dead (its jfs-mountd is gone); unmounting it to mount again",
                 abs.display()
             );
@@ -565,7 +612,7 @@ async fn ensure_mounted(layout: &Layout, mountpoint: &Path) -> CliResult<PathBuf
     let mp = fs::canonicalize(&abs).map_err(|e| io_err(format!("cannot resolve mountpoint {}", abs.display()), e))?;
     if let Some(m) = mount_at(&mp) {
         if m.fstype.starts_with("fuse") {
-            println!("{} is already mounted ({} from {})", mp.display(), m.fstype, m.source);
+            crate::say!("{} is already mounted ({} from {})", mp.display(), m.fstype, m.source);
             return Ok(mp);
         }
         return Err(CliError::Failed(format!(
@@ -641,7 +688,7 @@ async fn ensure_mounted(layout: &Layout, mountpoint: &Path) -> CliResult<PathBuf
             log_path.display()
         )));
     }
-    println!(
+    crate::say!(
         "mounted jfs://{NAMESPACE}/ at {} (log {})",
         mp.display(),
         log_path.display()
@@ -669,7 +716,7 @@ fn log_tail(path: &Path) -> String {
 
 pub async fn down(dir: &Path) -> CliResult<()> {
     if !dir.exists() {
-        println!("{} does not exist: nothing to stop", dir.display());
+        crate::say!("{} does not exist: nothing to stop", dir.display());
         return Ok(());
     }
     let state = fs::canonicalize(dir).map_err(|e| io_err(format!("cannot resolve {}", dir.display()), e))?;
@@ -680,11 +727,11 @@ pub async fn down(dir: &Path) -> CliResult<()> {
     let mut remaining = Vec::new();
     for mp in read_mounts(&layout) {
         if mount_at(&mp).is_none() {
-            println!("{} is not mounted", mp.display());
+            crate::say!("{} is not mounted", mp.display());
             continue;
         }
         match unmount(&mp) {
-            Ok(what) => println!("{}: {what}", mp.display()),
+            Ok(what) => crate::say!("{}: {what}", mp.display()),
             Err(e) => {
                 failures.push(e);
                 remaining.push(mp);
@@ -717,7 +764,7 @@ pub async fn down(dir: &Path) -> CliResult<()> {
                     ));
                 }
             }
-            None => println!("{:<8} not running", d.name),
+            None => crate::say!("{:<8} not running", d.name),
         }
     }
     let deadline = Instant::now() + STOP_DEADLINE;
@@ -728,13 +775,13 @@ pub async fn down(dir: &Path) -> CliResult<()> {
         if pid_alive(*pid) {
             // SAFETY: as above.
             unsafe { libc::kill(*pid, libc::SIGKILL) };
-            println!(
+            crate::say!(
                 "{:<8} killed (pid {pid}; it ignored SIGTERM for {}s)",
                 d.name,
                 STOP_DEADLINE.as_secs()
             );
         } else {
-            println!("{:<8} stopped (pid {pid})", d.name);
+            crate::say!("{:<8} stopped (pid {pid})", d.name);
         }
     }
     let kill_deadline = Instant::now() + Duration::from_secs(5);
@@ -808,6 +855,7 @@ mod tests {
             name: "x".into(),
             binary: "jfs-metad",
             args: vec!["--conf".into()],
+            addr: "127.0.0.1:1".into(),
             data_dir: "/x".into(),
         };
         // Our own process is `jfs-...` test binary, never jfs-metad.

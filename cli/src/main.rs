@@ -17,6 +17,16 @@ use clap::{Args, Parser, Subcommand};
 use jfs_common::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 use jfs_common::FsError;
 
+/// println! that does not panic when stdout is gone (`jfs local up | head`):
+/// the work must go on, and its progress text is only a report.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// State directory of the local development cluster when `--dir` is not given.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/jfs/local";
 

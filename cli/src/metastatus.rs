@@ -77,7 +77,7 @@ pub async fn collect(cfg: &Config) -> Vec<NodeReport> {
 pub async fn run(cfg: &Config, detail: bool) -> CliResult<()> {
     let reports = collect(cfg).await;
     let (table, notes) = render(&reports, detail);
-    print!("{table}");
+    crate::say!("{}", table.trim_end());
     // Diagnostics go to stderr: stdout stays one clean table for scripts.
     for n in notes {
         eprintln!("{n}");

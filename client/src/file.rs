@@ -33,8 +33,11 @@ const DIRTY_BYTES: u64 = 64 << 20;
 const ALLOC_BATCH: u32 = 8;
 /// Attempts to store one block (each on a fresh allocation) before failing.
 const UPLOAD_ATTEMPTS: u32 = 3;
+/// Block buffers kept per open file for reuse: a recycled buffer is
+/// already mapped, a fresh one page-faults on every 4 KiB as it fills.
+const SPARE_BUFFERS: usize = 6;
 /// Blocks read ahead of a sequential reader.
-const READAHEAD_BLOCKS: u64 = 2;
+const READAHEAD_BLOCKS: u64 = 4;
 
 pub(crate) struct OpenInode {
     ino: u64,
@@ -46,6 +49,7 @@ pub(crate) struct OpenInode {
     /// One flush (commit) at a time per file.
     flush_lock: tokio::sync::Mutex<()>,
     alloc: tokio::sync::Mutex<VecDeque<AllocatedBlock>>,
+    spare: Mutex<Vec<Vec<u8>>>,
 }
 
 #[derive(Default)]
@@ -101,6 +105,7 @@ impl OpenInode {
             upload_slots: Arc::new(Semaphore::new(UPLOADS_IN_FLIGHT)),
             flush_lock: tokio::sync::Mutex::new(()),
             alloc: tokio::sync::Mutex::new(VecDeque::new()),
+            spare: Mutex::new(Vec::new()),
         }
     }
 
@@ -203,7 +208,19 @@ impl OpenInode {
             let res = me.upload(&client, &data).await;
             drop(permit);
             me.finish_upload(index, version, data.len() as u64, res);
+            if let Ok(buf) = Arc::try_unwrap(data) {
+                me.recycle(buf);
+            }
         });
+    }
+
+    fn recycle(&self, buf: Vec<u8>) {
+        if buf.capacity() as u64 >= self.block_size {
+            let mut spare = lock(&self.spare);
+            if spare.len() < SPARE_BUFFERS {
+                spare.push(buf);
+            }
+        }
     }
 
     async fn upload(&self, client: &Client, data: &Arc<Vec<u8>>) -> FsResult<(u64, Vec<String>)> {
@@ -211,9 +228,21 @@ impl OpenInode {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let t0 = Instant::now();
             let ab = self.allocate(client).await?;
+            let t1 = Instant::now();
             match client.inner.blocks.write_all(ab.block_id, data, &ab.replicas).await {
-                Ok(()) => return Ok((ab.block_id, ab.replicas)),
+                Ok(()) => {
+                    tracing::debug!(
+                        ino = self.ino,
+                        block_id = ab.block_id,
+                        bytes = data.len(),
+                        alloc_ms = (t1 - t0).as_secs_f64() * 1e3,
+                        write_ms = t1.elapsed().as_secs_f64() * 1e3,
+                        "block stored"
+                    );
+                    return Ok((ab.block_id, ab.replicas));
+                }
                 Err(e) => {
                     // Ids allocated with the same (maybe dead) replicas are suspect.
                     self.alloc.lock().await.clear();
@@ -335,7 +364,7 @@ impl OpenInode {
 
     async fn commit(&self, client: &Client) -> FsResult<()> {
         let (blocks, size) = {
-            let mut st = lock(&self.state);
+            let st = lock(&self.state);
             // Sticky until the last handle closes: committing the blocks
             // that did arrive would publish a file with a piece missing.
             if let Some(e) = &st.error {
@@ -347,6 +376,8 @@ impl OpenInode {
             (st.pending.values().cloned().collect::<Vec<_>>(), st.size)
         };
         let (ns, ino) = (client.ns_id(), self.ino);
+        let t0 = Instant::now();
+        let nblocks = blocks.len();
         let reply = client
             .meta()
             .call_mut(|mut c, hdr| {
@@ -362,6 +393,13 @@ impl OpenInode {
             })
             .await?;
         let attr = attr_of(reply.attr)?;
+        tracing::debug!(
+            ino,
+            blocks = nblocks,
+            size,
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "write committed"
+        );
         let mut st = lock(&self.state);
         for b in blocks {
             if st.pending.get(&b.index).is_some_and(|p| p.block_id == b.block_id) {
@@ -427,8 +465,16 @@ impl OpenInode {
                 let base_len = st
                     .stored_ref(index)
                     .map_or(0, |r| r.len.min(bytes_in_block(st.size, index, bs)));
-                let cap = if offset == 0 { bs as usize } else { offset + src.len() };
-                DirtyBlock::new(base_len as usize, cap)
+                // A write at the start of a block is most likely the first of a
+                // sequential run: give it a whole (recycled) block buffer.
+                let recycled = if offset == 0 { lock(&self.spare).pop() } else { None };
+                match recycled {
+                    Some(buf) => DirtyBlock::with_buffer(base_len as usize, buf),
+                    None => {
+                        let cap = if offset == 0 { bs as usize } else { offset + src.len() };
+                        DirtyBlock::new(base_len as usize, cap)
+                    }
+                }
             };
             st.dirty.insert(index, block);
         }
@@ -455,66 +501,74 @@ async fn get_blocks(client: &Client, ino: u64, first_index: u64) -> FsResult<rpc
         first_index,
         count: MAP_WINDOW as u32,
     };
-    client
-        .meta()
-        .call(|mut c| {
-            let req = req.clone();
-            async move { c.get_blocks(req).await }
-        })
-        .await
+    client.meta().call(|mut c| async move { c.get_blocks(req).await }).await
 }
 
 /// Opens `ino`: registers the handle and refreshes the block map and size
 /// from metad (close-to-open).
 pub(crate) async fn open(client: &Client, ino: u64) -> FsResult<FileHandle> {
-    let reply = get_blocks(client, ino, 0).await?;
-    let attr = attr_of(reply.attr)?;
-    register(client, &attr, reply.blocks)
+    // Count the handle before asking metad: an unlink or rename racing with
+    // this open then sees the file as open here and keeps it as an orphan.
+    let file = acquire(client, ino);
+    let res = match get_blocks(client, ino, 0).await {
+        Ok(reply) => attr_of(reply.attr).and_then(|attr| refresh(&file, &attr, reply.blocks)),
+        Err(e) => Err(e),
+    };
+    finish_open(client, file, res).await
 }
 
 /// Opens a file whose attributes are fresh from metad; an empty file needs
 /// no block map.
 pub(crate) async fn open_with(client: &Client, attr: &Attr) -> FsResult<FileHandle> {
     if attr.size == 0 && attr.mode & rpc::S_IFMT == rpc::S_IFREG {
-        return register(client, attr, Vec::new());
+        let file = acquire(client, attr.ino);
+        let res = refresh(&file, attr, Vec::new());
+        return finish_open(client, file, res).await;
     }
     open(client, attr.ino).await
 }
 
-/// Registers a handle for the inode and refreshes the shared state from
-/// what metad just said (close-to-open).
-fn register(client: &Client, attr: &Attr, blocks: Vec<BlockRef>) -> FsResult<FileHandle> {
-    let ino = attr.ino;
-    if attr.mode & rpc::S_IFMT != rpc::S_IFREG {
-        return Err(if attr.mode & rpc::S_IFMT == rpc::S_IFDIR {
-            FsError::IsDirectory
-        } else {
-            FsError::InvalidArgument(format!("inode {ino} is not a regular file"))
-        });
+async fn finish_open(client: &Client, file: Arc<OpenInode>, res: FsResult<()>) -> FsResult<FileHandle> {
+    if let Err(e) = res {
+        close_handle(client, &file).await;
+        return Err(e);
     }
-    let file = {
-        let mut open = lock(&client.inner.open);
-        let f = open
-            .entry(ino)
-            .or_insert_with(|| Arc::new(OpenInode::new(ino, client.block_size())))
-            .clone();
-        let mut st = lock(&f.state);
-        st.handles += 1;
-        st.map = blocks.into_iter().map(|b| (b.index, b)).collect();
-        st.windows = HashSet::from([0]);
-        if !st.has_unflushed() {
-            st.size = attr.size;
-        }
-        st.server_size = attr.size;
-        drop(st);
-        f
-    };
     Ok(FileHandle {
         client: client.clone(),
         file,
         pattern: Mutex::new(ReadPattern::default()),
         released: AtomicBool::new(false),
     })
+}
+
+/// Counts one more handle of `ino`, creating its shared state if needed.
+fn acquire(client: &Client, ino: u64) -> Arc<OpenInode> {
+    let mut open = lock(&client.inner.open);
+    let f = open
+        .entry(ino)
+        .or_insert_with(|| Arc::new(OpenInode::new(ino, client.block_size())))
+        .clone();
+    lock(&f.state).handles += 1;
+    f
+}
+
+/// Refreshes the shared state from what metad just said (close-to-open).
+fn refresh(f: &OpenInode, attr: &Attr, blocks: Vec<BlockRef>) -> FsResult<()> {
+    if attr.mode & rpc::S_IFMT != rpc::S_IFREG {
+        return Err(if attr.mode & rpc::S_IFMT == rpc::S_IFDIR {
+            FsError::IsDirectory
+        } else {
+            FsError::InvalidArgument(format!("inode {} is not a regular file", attr.ino))
+        });
+    }
+    let mut st = lock(&f.state);
+    st.map = blocks.into_iter().map(|b| (b.index, b)).collect();
+    st.windows = HashSet::from([0]);
+    if !st.has_unflushed() {
+        st.size = attr.size;
+    }
+    st.server_size = attr.size;
+    Ok(())
 }
 
 #[derive(Default)]
@@ -683,9 +737,7 @@ impl FileHandle {
         if data.is_empty() {
             return Ok(0);
         }
-        offset
-            .checked_add(data.len() as u64)
-            .ok_or_else(|| FsError::FileTooBig)?;
+        offset.checked_add(data.len() as u64).ok_or(FsError::FileTooBig)?;
         for piece in pieces(offset, data.len(), bs) {
             let src = &data[piece.buf_pos..piece.buf_pos + piece.len];
             let full = loop {
@@ -738,7 +790,15 @@ async fn close_handle(client: &Client, f: &Arc<OpenInode>) {
         if open.get(&f.ino).is_some_and(|g| Arc::ptr_eq(g, f)) {
             open.remove(&f.ino);
         }
+        // Still referenced otherwise (pinned): the last unpin frees it.
         st.orphan
+            && match lock(&client.inner.pins).get_mut(&f.ino) {
+                Some(p) => {
+                    p.orphan = true;
+                    false
+                }
+                None => true,
+            }
     };
     if orphan {
         client.release_orphan(f.ino).await;

@@ -119,6 +119,16 @@ impl DirtyBlock {
         }
     }
 
+    /// Like [`DirtyBlock::new`], reusing an old buffer (and its memory).
+    pub fn with_buffer(base_len: usize, mut buf: Vec<u8>) -> DirtyBlock {
+        buf.clear();
+        DirtyBlock {
+            buf,
+            written: RangeSet::default(),
+            base_len,
+        }
+    }
+
     /// A buffer that starts as a copy of known content (nothing to merge).
     pub fn from_content(content: &[u8]) -> DirtyBlock {
         let mut written = RangeSet::default();

@@ -11,7 +11,7 @@
 //! let client = Client::connect(&cfg, "default").await?;   // finds the namespace; Clone is cheap
 //! let info = client.namespace_info();                      // id, block_size, root_ino, ...
 //! let attr = client.resolve("/a/b").await?;                // walk a path from the root
-//! let (dir, name) = client.resolve_parent("/a/b/new")?;    // parent Attr + last component
+//! let (dir, name) = client.resolve_parent("/a/b/new").await?; // parent Attr + last component
 //! let entries = client.readdir_all(attr.ino, true).await?; // Vec<DirEntry> (attrs when plus)
 //! let f = client.create(dir.ino, b"new", 0o644, 0, 0, false).await?;
 //! let h = client.open_file(f.ino).await?;                  // FileHandle, no FUSE needed
@@ -32,6 +32,12 @@
 //!   call `release()` when done with a handle.
 //! * Attributes returned by this client include sizes of unflushed writes
 //!   made through this process.
+//! * A file unlinked or replaced while this process has it open stays
+//!   readable through its handles until the last `release()`; mountd also
+//!   `pin`s the inodes the kernel remembers, so an open racing with
+//!   `mv new old` still finds the replaced file.
+//! * For FUSE: `open_created` (no map fetch for a new empty file),
+//!   `local_size`, `flush_all`, `pin`/`unpin`, `release_orphans`.
 
 mod blocks;
 mod file;
@@ -97,7 +103,19 @@ struct Inner {
     /// Files this process has open, by inode: shared write buffers and
     /// block maps, handle counts, orphan state.
     open: Mutex<HashMap<u64, Arc<OpenInode>>>,
+    /// References the caller holds on inodes besides open files (for
+    /// mountd: the kernel's lookup counts). A replaced or unlinked inode
+    /// that is still referenced is kept until the last reference goes.
+    /// Lock order: `open`, then an OpenInode's state, then `pins`.
+    pins: Mutex<HashMap<u64, Pin>>,
     timeout: Duration,
+}
+
+#[derive(Default)]
+struct Pin {
+    count: u64,
+    /// metad keeps the inode as an orphan for us; release it at the end.
+    orphan: bool,
 }
 
 impl Client {
@@ -129,6 +147,7 @@ impl Client {
                 ns,
                 blocks: BlockPool::new(timeout),
                 open: Mutex::new(HashMap::new()),
+                pins: Mutex::new(HashMap::new()),
                 timeout,
             }),
         })
@@ -201,13 +220,7 @@ impl Client {
 
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
         let req = rpc::GetAttrRequest { ns: self.ns_id(), ino };
-        let reply = self
-            .meta()
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.get_attr(req).await }
-            })
-            .await?;
+        let reply = self.meta().call(|mut c| async move { c.get_attr(req).await }).await?;
         Ok(self.local_view(attr_of(reply.attr)?))
     }
 
@@ -331,13 +344,7 @@ impl Client {
 
     pub async fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
         let req = rpc::ReadLinkRequest { ns: self.ns_id(), ino };
-        let reply = self
-            .meta()
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.read_link(req).await }
-            })
-            .await?;
+        let reply = self.meta().call(|mut c| async move { c.read_link(req).await }).await?;
         Ok(reply.target)
     }
 
@@ -415,7 +422,10 @@ impl Client {
     ) -> FsResult<rpc::RenameReply> {
         check_name(name)?;
         check_name(new_name)?;
-        let keep_if_open = self.has_open_files();
+        // A replaced file may be about to be opened through a reference
+        // taken before the rename (a reader racing with `mv new old`): keep
+        // it while anything of ours refers to it, so the rename is atomic.
+        let keep_if_open = self.has_open_files() || !lock(&self.inner.pins).is_empty();
         let (ns, name, new_name) = (self.ns_id(), name.to_vec(), new_name.to_vec());
         let reply = self
             .meta()
@@ -522,13 +532,7 @@ impl Client {
 
     pub async fn listxattr(&self, ino: u64) -> FsResult<Vec<Vec<u8>>> {
         let req = rpc::ListXattrRequest { ns: self.ns_id(), ino };
-        let reply = self
-            .meta()
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.list_xattr(req).await }
-            })
-            .await?;
+        let reply = self.meta().call(|mut c| async move { c.list_xattr(req).await }).await?;
         Ok(reply.names)
     }
 
@@ -551,12 +555,7 @@ impl Client {
 
     pub async fn statfs(&self) -> FsResult<StatFsReply> {
         let req = rpc::StatFsRequest { ns: self.ns_id() };
-        self.meta()
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.stat_fs(req).await }
-            })
-            .await
+        self.meta().call(|mut c| async move { c.stat_fs(req).await }).await
     }
 
     // ------------------------------------------------------------ file data
@@ -613,17 +612,83 @@ impl Client {
     /// The server kept `ino` as an orphan because we might have it open: mark
     /// it for release at last close, or release it now if it is not open here.
     async fn orphaned(&self, ino: u64) {
-        let open_here = {
+        let held = {
             let open = lock(&self.inner.open);
             match open.get(&ino) {
                 Some(f) => {
                     f.set_orphan();
                     true
                 }
-                None => false,
+                None => match lock(&self.inner.pins).get_mut(&ino) {
+                    Some(p) => {
+                        p.orphan = true;
+                        true
+                    }
+                    None => false,
+                },
             }
         };
-        if !open_here {
+        if !held {
+            self.release_orphan(ino).await;
+        }
+    }
+
+    /// The caller holds `n` more references to `ino` (mountd: the kernel
+    /// looked it up). While any is held, a file unlinked or replaced through
+    /// this client keeps its data.
+    pub fn pin(&self, ino: u64, n: u64) {
+        if n > 0 {
+            lock(&self.inner.pins).entry(ino).or_default().count += n;
+        }
+    }
+
+    /// Drops `n` references taken with [`Client::pin`]; frees the file's data
+    /// if it was unlinked meanwhile and is not open.
+    pub async fn unpin(&self, ino: u64, n: u64) {
+        let release = {
+            let open = lock(&self.inner.open);
+            let orphan = {
+                let mut pins = lock(&self.inner.pins);
+                match pins.get_mut(&ino) {
+                    Some(p) if p.count > n => {
+                        p.count -= n;
+                        false
+                    }
+                    Some(_) => pins.remove(&ino).is_some_and(|p| p.orphan),
+                    None => false,
+                }
+            };
+            match (orphan, open.get(&ino)) {
+                (true, Some(f)) => {
+                    // Still open here: the last release frees it.
+                    f.set_orphan();
+                    false
+                }
+                (o, _) => o,
+            }
+        };
+        if release {
+            self.release_orphan(ino).await;
+        }
+    }
+
+    /// Frees every unlinked file kept only for references (at unmount, when
+    /// the kernel forgets everything at once without telling us).
+    pub async fn release_orphans(&self) {
+        let orphans: Vec<u64> = {
+            let open = lock(&self.inner.open);
+            let mut pins = lock(&self.inner.pins);
+            let ids: Vec<u64> = pins
+                .iter()
+                .filter(|(ino, p)| p.orphan && !open.contains_key(ino))
+                .map(|(&ino, _)| ino)
+                .collect();
+            for ino in &ids {
+                pins.remove(ino);
+            }
+            ids
+        };
+        for ino in orphans {
             self.release_orphan(ino).await;
         }
     }
@@ -689,6 +754,20 @@ fn split_path(path: &str) -> FsResult<Vec<&str>> {
     Ok(out)
 }
 
+/// The CLI spawns these futures on a multi-threaded runtime: keep them Send.
+#[allow(dead_code)]
+fn _futures_are_send(c: Client, h: FileHandle) {
+    fn is_send<T: Send>(_: T) {}
+    is_send(c.resolve("/"));
+    is_send(c.setattr(1, SetAttrArgs::default()));
+    is_send(c.open_file(1));
+    is_send(c.unlink(1, b"x"));
+    is_send(h.read_at(0, 1));
+    is_send(h.write_at(0, b"x"));
+    is_send(h.release());
+    is_send(c.flush_all());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -709,18 +788,4 @@ mod tests {
         assert!(matches!(check_name(b"a/b"), Err(FsError::InvalidArgument(_))));
         assert!(matches!(check_name(b""), Err(FsError::InvalidArgument(_))));
     }
-}
-
-/// The CLI spawns these futures on a multi-threaded runtime: keep them Send.
-#[allow(dead_code)]
-fn _futures_are_send(c: Client, h: FileHandle) {
-    fn is_send<T: Send>(_: T) {}
-    is_send(c.resolve("/"));
-    is_send(c.setattr(1, SetAttrArgs::default()));
-    is_send(c.open_file(1));
-    is_send(c.unlink(1, b"x"));
-    is_send(h.read_at(0, 1));
-    is_send(h.write_at(0, b"x"));
-    is_send(h.release());
-    is_send(c.flush_all());
 }

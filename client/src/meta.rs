@@ -182,12 +182,12 @@ impl MetaClient {
     /// Runs a read-only RPC on the leader, following hints and retrying
     /// retryable errors until the timeout. `f` builds one attempt:
     /// `|mut c| { let req = req.clone(); async move { c.get_attr(req).await } }`.
-    pub async fn call<T, F, Fut>(&self, mut f: F) -> FsResult<T>
+    pub async fn call<T, F, Fut>(&self, f: F) -> FsResult<T>
     where
         F: FnMut(MetaGrpc) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        self.retry_loop(|c| f(c)).await
+        self.retry_loop(f).await
     }
 
     /// Runs a mutating RPC: like [`MetaClient::call`], and `f` also receives

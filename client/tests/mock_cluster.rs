@@ -154,16 +154,16 @@ impl meta_server::Meta for MockMeta {
         if let Some(t) = r.mtime {
             a.mtime = Some(t);
         }
-        ns.inodes.insert(r.ino, a.clone());
+        ns.inodes.insert(r.ino, a);
         Ok(Response::new(rpc::AttrReply { attr: Some(a) }))
     }
     async fn mknod(&self, r: Request<rpc::MknodRequest>) -> Res<rpc::AttrReply> {
         self.check_leader()?;
         let r = r.into_inner();
-        let hdr = r.hdr.clone().unwrap_or_default();
+        let hdr = r.hdr.unwrap_or_default();
         let mut ns = self.ns.lock().unwrap();
         if let Some(a) = ns.done.get(&(hdr.client_id, hdr.seq)) {
-            return Ok(Response::new(rpc::AttrReply { attr: Some(a.clone()) }));
+            return Ok(Response::new(rpc::AttrReply { attr: Some(*a) }));
         }
         if ns.entries.contains_key(&(r.parent, r.name.clone())) {
             return Err(fs_err(FsError::AlreadyExists));
@@ -179,9 +179,9 @@ impl meta_server::Meta for MockMeta {
             generation: 1,
             ..Default::default()
         };
-        ns.inodes.insert(ino, a.clone());
+        ns.inodes.insert(ino, a);
         ns.entries.insert((r.parent, r.name), ino);
-        ns.done.insert((hdr.client_id, hdr.seq), a.clone());
+        ns.done.insert((hdr.client_id, hdr.seq), a);
         ns.mknod_applied += 1;
         if self.lose_next_reply.swap(false, Ordering::SeqCst) {
             return Err(Status::unavailable("leader went away before replying"));
@@ -280,7 +280,7 @@ impl meta_server::Meta for MockMeta {
             truncate_refs(&mut ns, r.ino, r.size);
         }
         a.size = r.size;
-        ns.inodes.insert(r.ino, a.clone());
+        ns.inodes.insert(r.ino, a);
         Ok(Response::new(rpc::AttrReply { attr: Some(a) }))
     }
     async fn heartbeat(&self, _r: Request<rpc::HeartbeatRequest>) -> Res<rpc::HeartbeatReply> {

@@ -16,7 +16,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle as Fh, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
@@ -48,12 +48,31 @@ pub struct JfsFs {
     /// Set once the session exists; used to tell the kernel that the
     /// attributes it cached are stale after a commit changed them.
     notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// Inodes known to have no `security.capability`, until when. The
+    /// kernel asks for it before every write (to drop file capabilities);
+    /// without this cache each write would wait for a metad round trip.
+    no_caps: Mutex<HashMap<u64, Instant>>,
 }
+
+/// The xattr the kernel asks for on every write.
+const CAPS_XATTR: &[u8] = b"security.capability";
+/// Entries kept in the capability cache before it is swept.
+const NO_CAPS_MAX: usize = 100_000;
 
 type R<T> = Result<T, Errno>;
 
 fn errno(e: FsError) -> Errno {
     Errno::from_i32(e.errno())
+}
+
+/// For calls addressed by inode number: a vanished inode is ESTALE, which
+/// makes the kernel look the path up again once (as NFS does) instead of
+/// failing an open or stat that raced with a rename or unlink.
+fn errno_ino(e: FsError) -> Errno {
+    match e {
+        FsError::NotFound => Errno::ESTALE,
+        e => errno(e),
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -119,7 +138,28 @@ impl JfsFs {
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             notifier,
+            no_caps: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn caps_known_absent(&self, ino: u64) -> bool {
+        lock(&self.no_caps)
+            .get(&ino)
+            .is_some_and(|until| Instant::now() < *until)
+    }
+
+    fn note_caps_absent(&self, ino: u64) {
+        // Trusted for as long as cached attributes are: another client's
+        // setcap shows up after the attribute timeout, like its chmod.
+        let mut m = lock(&self.no_caps);
+        if m.len() >= NO_CAPS_MAX {
+            let now = Instant::now();
+            m.retain(|_, until| *until > now);
+            if m.len() >= NO_CAPS_MAX {
+                m.clear();
+            }
+        }
+        m.insert(ino, Instant::now() + self.attr_ttl);
     }
 
     /// Flushes a handle; when that committed data, the kernel's cached
@@ -183,12 +223,16 @@ impl JfsFs {
 
     fn entry(&self, reply: ReplyEntry, res: R<Attr>) {
         match res {
-            Ok(a) => reply.entry_with_ttls(
-                &self.attr_ttl,
-                &self.entry_ttl,
-                &self.file_attr(&a),
-                Generation(a.generation),
-            ),
+            Ok(a) => {
+                // The kernel now holds a lookup reference until FORGET.
+                self.client.pin(a.ino, 1);
+                reply.entry_with_ttls(
+                    &self.attr_ttl,
+                    &self.entry_ttl,
+                    &self.file_attr(&a),
+                    Generation(a.generation),
+                )
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -213,7 +257,7 @@ impl JfsFs {
 
     fn do_setattr(&self, ino: u64, args: SetAttrArgs) -> R<Attr> {
         self.writable()?;
-        self.block(self.client.setattr(ino, args)).map_err(errno)
+        self.block(self.client.setattr(ino, args)).map_err(errno_ino)
     }
 
     fn dir_listing(&self, ino: u64, fh: Fh, offset: u64, plus: bool) -> R<Arc<Vec<DirEntry>>> {
@@ -286,6 +330,8 @@ impl Filesystem for JfsFs {
         if let Err(e) = self.block(self.client.flush_all()) {
             tracing::error!(error = %e, "flushing open files at unmount failed; their last writes may be lost");
         }
+        // The kernel forgets every inode at unmount without telling us.
+        self.block(self.client.release_orphans());
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -293,14 +339,17 @@ impl Filesystem for JfsFs {
         self.entry(reply, res);
     }
 
-    fn forget(&self, _req: &Request, _ino: INodeNo, _nlookup: u64) {
-        // Inode numbers are jfs's own; nothing to forget.
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        // Inode numbers are jfs's own, so only the references matter: the
+        // last one frees a file that was unlinked or replaced meanwhile.
+        let (client, ino) = (self.client.clone(), self.ino(ino));
+        self.rt.spawn(async move { client.unpin(ino, nlookup).await });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<Fh>, reply: ReplyAttr) {
         match self.block(self.client.getattr(self.ino(ino))) {
             Ok(a) => reply.attr(&self.attr_ttl, &self.file_attr(&a)),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno_ino(e)),
         }
     }
 
@@ -346,7 +395,7 @@ impl Filesystem for JfsFs {
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.block(self.client.readlink(self.ino(ino))) {
             Ok(t) => reply.data(&t),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno_ino(e)),
         }
     }
 
@@ -457,10 +506,18 @@ impl Filesystem for JfsFs {
             return reply.error(Errno::EROFS);
         }
         match self.block(self.client.open_file(self.ino(ino))) {
-            // No FOPEN_KEEP_CACHE: the kernel drops cached pages at open, so
-            // data committed by other clients is seen (close-to-open).
-            Ok(h) => reply.opened(self.add_handle(h), FopenFlags::empty()),
-            Err(e) => reply.error(errno(e)),
+            Ok(h) => {
+                // Close-to-open: the kernel drops cached pages at open (no
+                // FOPEN_KEEP_CACHE), but it would still trust a cached size
+                // for up to attr_timeout and cut reads short of what another
+                // client just wrote. Mark its attributes stale; the next read
+                // fetches them again.
+                if let Some(n) = self.notifier.get() {
+                    let _ = n.inval_inode(ino, -1, 0);
+                }
+                reply.opened(self.add_handle(h), FopenFlags::empty())
+            }
+            Err(e) => reply.error(errno_ino(e)),
         }
     }
 
@@ -475,9 +532,11 @@ impl Filesystem for JfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let t0 = std::time::Instant::now();
         let res = self
             .handle(fh)
             .and_then(|h| self.block(h.read_at(offset, size as usize)).map_err(errno));
+        tracing::trace!(offset, size, us = t0.elapsed().as_micros() as u64, "read");
         match res {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(e),
@@ -496,10 +555,12 @@ impl Filesystem for JfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let t0 = std::time::Instant::now();
         let res = self
             .writable()
             .and_then(|_| self.handle(fh))
             .and_then(|h| self.block(h.write_at(offset, data)).map_err(errno));
+        tracing::trace!(offset, len = data.len(), us = t0.elapsed().as_micros() as u64, "write");
         match res {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(e),
@@ -604,14 +665,19 @@ impl Filesystem for JfsFs {
                             continue;
                         };
                         let fa = self.file_attr(a);
-                        reply.add(
+                        let full = reply.add(
                             fa.ino,
                             i + 1,
                             OsStr::from_bytes(&e.name),
                             &self.entry_ttl,
                             &fa,
                             Generation(a.generation),
-                        )
+                        );
+                        if !full {
+                            // The kernel takes a lookup reference on each entry.
+                            self.client.pin(a.ino, 1);
+                        }
+                        full
                     }
                     None => break,
                 },
@@ -674,6 +740,7 @@ impl Filesystem for JfsFs {
                 // ACLs are not enforced by jfs; storing them would pretend they are.
                 return Err(Errno::EOPNOTSUPP);
             }
+            lock(&self.no_caps).remove(&self.ino(ino));
             self.block(self.client.setxattr(self.ino(ino), name, value, flags as u32))
                 .map_err(errno)
         })();
@@ -688,9 +755,19 @@ impl Filesystem for JfsFs {
         if name.starts_with(b"system.posix_acl_") {
             return reply.error(Errno::ENODATA);
         }
-        match self.block(self.client.getxattr(self.ino(ino), name)) {
+        let ino = self.ino(ino);
+        let caps = name == CAPS_XATTR;
+        if caps && self.caps_known_absent(ino) {
+            return reply.error(Errno::ENODATA);
+        }
+        match self.block(self.client.getxattr(ino, name)) {
             Ok(v) => xattr_reply(reply, size, &v),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => {
+                if caps && e == FsError::NoAttribute {
+                    self.note_caps_absent(ino);
+                }
+                reply.error(errno_ino(e))
+            }
         }
     }
 
@@ -704,7 +781,7 @@ impl Filesystem for JfsFs {
                 }
                 xattr_reply(reply, size, &buf)
             }
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno_ino(e)),
         }
     }
 
@@ -725,7 +802,7 @@ impl Filesystem for JfsFs {
         }
         let res = self
             .block(self.client.getattr(self.ino(ino)))
-            .map_err(errno)
+            .map_err(errno_ino)
             .and_then(|a| Self::check_access(req, &a, mask));
         match res {
             Ok(()) => reply.ok(),
@@ -774,6 +851,7 @@ impl Filesystem for JfsFs {
         match res {
             Ok((a, h)) => {
                 let fh = self.add_handle(h);
+                self.client.pin(a.ino, 1);
                 reply.created(
                     &self.entry_ttl,
                     &self.file_attr(&a),

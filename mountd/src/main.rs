@@ -410,7 +410,10 @@ fn run_daemon(namespace: &str, mountpoint: &Path, conf: &Path, opts: &MountOpts)
         // so the type shows as fuse.jfs however we mount.
         MountOption::CUSTOM("subtype=jfs".into()),
     ];
-    if opts.default_permissions {
+    // jfs trusts its clients: metad checks no permissions. A mount other
+    // users may enter must therefore have the kernel check them, or every
+    // user could read and write every file.
+    if opts.default_permissions || opts.allow_other {
         mcfg.mount_options.push(MountOption::DefaultPermissions);
     }
     if opts.read_only {

@@ -12,6 +12,7 @@ use std::time::Duration;
 pub struct MountOpts {
     pub conf: Option<PathBuf>,
     pub allow_other: bool,
+    /// Kernel permission checks (always on with `allow_other`, see main.rs).
     pub default_permissions: bool,
     pub read_only: bool,
     pub attr_timeout: Option<Duration>,

@@ -53,5 +53,5 @@ if ((use_bindfs)) && command -v bindfs >/dev/null 2>&1; then
 fi
 targets+=(--target "jfs=$jfs_dir")
 
-echo "# jfs $(git rev-parse --short HEAD 2>/dev/null || echo '?'): bash scripts/bench.sh --size-mib $size_mib --files $files"
+echo "# jfs $(git describe --always --dirty 2>/dev/null || echo '?'): bash scripts/bench.sh --size-mib $size_mib --files $files"
 python3 scripts/bench.py --size-mib "$size_mib" --files "$files" "${targets[@]}"

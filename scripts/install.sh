@@ -13,12 +13,14 @@ if ! command -v cargo >/dev/null 2>&1 && [[ -x "$HOME/.cargo/bin/cargo" ]]; then
     export PATH="$HOME/.cargo/bin:$PATH"
 fi
 
-target="${CARGO_TARGET_DIR:-$PWD/target}"
+# The same default as scripts/test.sh, so installing and testing share one build.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/jfs-target}"
+target="$CARGO_TARGET_DIR"
 echo "install.sh: cargo build --release (target dir $target; the first build takes a while)"
 cargo build --release --workspace --bins
 
 for b in jfs jfs-metad jfs-blockd jfs-mountd; do
-    # install(1) writes a new file and renames it, so running daemons keep their old binary.
+    # install(1) unlinks the old file before writing, so running daemons keep their binary (no ETXTBSY).
     install -m 0755 "$target/release/$b" "/usr/local/bin/$b"
 done
 ln -sfn /usr/local/bin/jfs-mountd /sbin/mount.jfs

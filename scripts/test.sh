@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs every jfs test: the unit tests of every crate, then the integration
 # tests (tests/: real metad, blockd and jfs-mountd processes and real FUSE
-# mounts). Installs missing dependencies first. Needs root and /dev/fuse.
+# mounts). Installs missing dependencies first, and installs the build
+# (scripts/install.sh) so `mount -t jfs` is tested too. Needs root and /dev/fuse.
 #
 # CARGO_TARGET_DIR defaults to /var/cache/jfs-target, outside the clone, so
 # repeated runs on one machine reuse the build. Extra arguments go to the
-# integration test binaries, e.g. `bash scripts/test.sh two_mounts`.
+# integration test binaries, e.g. `bash scripts/test.sh close_to_open`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,11 +60,22 @@ echo "test.sh: building (target dir $CARGO_TARGET_DIR)"
 # `cargo test` does not build other packages' binaries; the integration tests run them.
 cargo build --release --workspace --bins
 cargo test --release --workspace --no-run
+# Install this build (to /usr/local/bin and /sbin/mount.jfs) so that
+# `mount -t jfs` is tested with the helper the install step puts in place.
+bash scripts/install.sh
 
+status=0
 echo "test.sh: unit tests"
-cargo test --release --workspace --exclude jfs-tests
+cargo test --release --workspace --exclude jfs-tests --no-fail-fast || status=1
 
 echo "test.sh: integration tests"
 # Two tests at a time (each runs a 7-process cluster); the time limit keeps a
 # hung mount from eating the whole CI budget.
-timeout --kill-after=60 45m cargo test --release -p jfs-tests -- --test-threads=2 "$@"
+timeout --kill-after=60 45m cargo test --release -p jfs-tests --no-fail-fast -- --test-threads=2 "$@" || status=1
+
+if ((status)); then
+    echo "test.sh: FAILED (see the failures above; logs of failed integration tests are in /tmp/jfs-test-failures/)" >&2
+else
+    echo "test.sh: all tests passed"
+fi
+exit "$status"

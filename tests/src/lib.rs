@@ -419,7 +419,9 @@ impl Cluster {
     /// Starts a fresh cluster and waits until its mount is usable.
     pub fn start() -> Cluster {
         let name = test_name();
-        let base = std::env::var_os("JFS_TEST_TMPDIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+        let base = std::env::var_os("JFS_TEST_TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/tmp"));
         let root = tempfile::Builder::new()
             .prefix(&format!("jfs-test-{name}-"))
             .tempdir_in(&base)
@@ -503,7 +505,7 @@ impl Cluster {
     /// Waits until a file can be created, written, read back and removed at
     /// the root of the mount.
     pub fn wait_usable(&self, timeout: Duration) {
-        wait_mount_usable(&self.mnt, timeout, &|| self.log_tails());
+        wait_mount_usable(&self.mnt, timeout, true, &|| self.log_tails());
     }
 
     /// Runs a bash script inside the mount; panics on failure (with log tails).
@@ -672,7 +674,8 @@ impl Cluster {
                 }
             },
         );
-        wait_mount_usable(&path, Duration::from_secs(30), &|| {
+        let writable = !opts.split(',').any(|o| o.trim() == "ro");
+        wait_mount_usable(&path, Duration::from_secs(30), writable, &|| {
             fs::read_to_string(&mlog).unwrap_or_default()
         });
         m
@@ -819,7 +822,9 @@ impl Drop for Cluster {
     }
 }
 
-fn wait_mount_usable(mnt: &Path, timeout: Duration, context: &dyn Fn() -> String) {
+/// Waits until `mnt` is mounted and answers: a probe file is created, read
+/// back and removed (or, on a read-only mount, the root is listed).
+fn wait_mount_usable(mnt: &Path, timeout: Duration, writable: bool, context: &dyn Fn() -> String) {
     let probe = mnt.join(format!(".jfs-test-probe-{}", std::process::id()));
     let start = Instant::now();
     let mut last = String::new();
@@ -828,6 +833,9 @@ fn wait_mount_usable(mnt: &Path, timeout: Duration, context: &dyn Fn() -> String
             last = "not mounted".into();
         } else {
             let r = (|| -> io::Result<()> {
+                if !writable {
+                    return fs::read_dir(mnt).map(|_| ());
+                }
                 fs::write(&probe, b"probe")?;
                 let back = fs::read(&probe)?;
                 fs::remove_file(&probe)?;

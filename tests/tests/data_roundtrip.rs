@@ -242,6 +242,7 @@ fn writes_past_eof_leave_holes_that_read_as_zeros() {
     let p = m.join("pwrite");
     let f = OpenOptions::new()
         .create(true)
+        .truncate(true)
         .write(true)
         .read(true)
         .open(&p)

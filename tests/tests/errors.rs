@@ -297,7 +297,8 @@ fn eacces_for_a_non_root_user_under_default_permissions() {
     // Positive control: nobody can read a world-readable file (so allow_other works).
     let rc = as_user(nobody.0, nobody.1, open(&readme, libc::O_RDONLY));
     assert_eq!(rc, 0, "nobody could not read a 0644 file: {}", errs(rc));
-    let cases: [(&str, i32, Box<dyn FnOnce() -> i32>); 6] = [
+    type Op<'a> = Box<dyn FnOnce() -> i32 + 'a>;
+    let cases: [(&str, i32, Op); 6] = [
         (
             "open of a 0600 root file in a 0700 dir",
             libc::EACCES,
@@ -397,4 +398,139 @@ fn eacces_for_a_non_root_user_under_default_permissions() {
         fs::read(m.path("private/secret")).expect("root still reads it"),
         b"secret"
     );
+}
+
+#[test]
+fn erofs_on_a_read_only_mount() {
+    let c = Cluster::start();
+    write_file(&c.path("f"), b"content");
+    fs::create_dir(c.path("d")).expect("mkdir");
+    let ro = c.mount_second("ro");
+    assert_eq!(fs::read(ro.path("f")).expect("read on the ro mount"), b"content");
+    assert_errno(File::create(ro.path("new")), libc::EROFS, "create on a ro mount");
+    assert_errno(
+        OpenOptions::new().write(true).open(ro.path("f")),
+        libc::EROFS,
+        "open for writing on a ro mount",
+    );
+    assert_errno(fs::create_dir(ro.path("d2")), libc::EROFS, "mkdir on a ro mount");
+    assert_errno(fs::remove_file(ro.path("f")), libc::EROFS, "unlink on a ro mount");
+    assert_errno(fs::remove_dir(ro.path("d")), libc::EROFS, "rmdir on a ro mount");
+    assert_errno(
+        fs::rename(ro.path("f"), ro.path("g")),
+        libc::EROFS,
+        "rename on a ro mount",
+    );
+    assert_errno(
+        fs::set_permissions(ro.path("f"), std::os::unix::fs::PermissionsExt::from_mode(0o600)),
+        libc::EROFS,
+        "chmod on a ro mount",
+    );
+    assert_eq!(fs::read(c.path("f")).expect("read on the rw mount"), b"content");
+}
+
+/// `jfs local up` mounts with allow_other so every user can use the mount;
+/// then permissions must be enforced there too, or any local user reads and
+/// overwrites root's private files.
+#[test]
+fn eacces_for_a_non_root_user_on_the_mount_jfs_local_up_makes() {
+    let c = Cluster::start();
+    fs::set_permissions(&c.mnt, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod mount root");
+    write_file(&c.path("secret"), b"secret");
+    write_file(&c.path("public"), b"public");
+    sh(&c.mnt, "chmod 600 secret && chmod 644 public");
+    let (secret, public) = (cpath(&c.path("secret")), cpath(&c.path("public")));
+    let open = |p: &std::ffi::CString, flags: i32| {
+        let p = p.as_ptr();
+        move || {
+            // SAFETY: raw syscalls only (see as_user).
+            let fd = unsafe { libc::open(p, flags) };
+            if fd < 0 {
+                last_errno()
+            } else {
+                unsafe { libc::close(fd) };
+                0
+            }
+        }
+    };
+    let got = as_user(65534, 65534, open(&public, libc::O_RDONLY));
+    assert_eq!(
+        got,
+        0,
+        "nobody cannot read a 0644 file on the local-up mount: {}",
+        errno_name(got)
+    );
+    let got = as_user(65534, 65534, open(&secret, libc::O_RDONLY));
+    assert_eq!(
+        got,
+        libc::EACCES,
+        "nobody opening root's 0600 file: got {}",
+        errno_name(got)
+    );
+    let got = as_user(65534, 65534, open(&public, libc::O_WRONLY));
+    assert_eq!(
+        got,
+        libc::EACCES,
+        "nobody writing root's 0644 file: got {}",
+        errno_name(got)
+    );
+    assert_eq!(fs::read(c.path("public")).expect("read"), b"public");
+}
+
+/// Every block is verified against its checksum on read: with one replica
+/// and its bytes flipped on the blockd's disk, reading fails with EIO
+/// instead of returning wrong data.
+#[test]
+fn eio_when_the_only_replica_of_a_block_is_corrupt() {
+    let c = Cluster::start();
+    // Two blocks; the corruption goes into the second.
+    let data = pattern((6 << 20) as usize, 99);
+    write_file(&c.path("victim"), &data);
+    // Find the stored bytes on the blockds' disks by content, whatever the layout.
+    let needle = &data[5_000_000..5_000_064];
+    let mut hits = Vec::new();
+    let mut stack: Vec<std::path::PathBuf> = (1..=3)
+        .map(|j| c.state.join(format!("blockd{j}")))
+        .filter(|p| p.exists())
+        .collect();
+    while let Some(p) = stack.pop() {
+        let Ok(m) = fs::symlink_metadata(&p) else { continue };
+        if m.is_dir() {
+            stack.extend(
+                fs::read_dir(&p)
+                    .expect("readdir blockd dir")
+                    .filter_map(|e| e.ok().map(|e| e.path())),
+            );
+        } else if m.is_file() && m.len() >= needle.len() as u64 {
+            let bytes = fs::read(&p).expect("read a blockd file");
+            if let Some(off) = bytes.windows(needle.len()).position(|w| w == needle) {
+                hits.push((p, off));
+            }
+        }
+    }
+    assert!(
+        !hits.is_empty(),
+        "could not find the file's bytes under {}/blockd*",
+        c.state.display()
+    );
+    for (p, off) in &hits {
+        let f = OpenOptions::new().write(true).open(p).expect("open block file");
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[needle[10] ^ 0xff], (*off + 10) as u64)
+            .expect("corrupt a byte");
+    }
+    // A fresh mount, so no cache of the good bytes can answer.
+    let m = c.mount_second("");
+    let got = fs::read(m.path("victim"));
+    match got {
+        Ok(v) if v == data => panic!("read returned the original data although every copy on disk was corrupted"),
+        Ok(_) => panic!("read of a corrupt block returned wrong data instead of failing with EIO"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "read of a corrupt block: {e}"),
+    }
+    // The first block is still good and reads fine.
+    let f = File::open(m.path("victim")).expect("open");
+    let mut buf = vec![0u8; 4096];
+    use std::os::unix::fs::FileExt;
+    f.read_exact_at(&mut buf, 0).expect("read of the good part of the file");
+    assert!(buf[..] == data[..4096]);
 }

@@ -261,7 +261,7 @@ fn find_selects_like_on_a_local_disk() {
         find . -type f | sort; find . -type d | sort; find . -type l
         find . -name '*.txt' | sort
         find . -newer ref -type f | sort
-        find . -size +1k
+        find . -type f -size +1k | sort
         find . -empty | sort
         find . -links 2 -type f | sort
         find . -maxdepth 2 | sort
@@ -355,4 +355,32 @@ fn an_unlinked_open_file_stays_readable_until_closed() {
         fs::read(&p).expect("read new file after the old one closed"),
         b"new life"
     );
+}
+
+#[test]
+fn rename_exchange_and_noreplace() {
+    let c = Cluster::start();
+    let rename2 = |a: &str, b: &str, flags: libc::c_uint| {
+        let (pa, pb) = (cpath(&c.path(a)), cpath(&c.path(b)));
+        // SAFETY: valid C strings.
+        check(unsafe { libc::renameat2(libc::AT_FDCWD, pa.as_ptr(), libc::AT_FDCWD, pb.as_ptr(), flags) })
+    };
+    write_file(&c.path("a"), b"content of a");
+    fs::create_dir(c.path("d")).expect("mkdir d");
+    write_file(&c.path("d/inner"), b"inner");
+    rename2("a", "d", libc::RENAME_EXCHANGE).expect("RENAME_EXCHANGE of a file and a dir");
+    assert_eq!(fs::read(c.path("d")).expect("d is now the file"), b"content of a");
+    assert_eq!(fs::read(c.path("a/inner")).expect("a is now the dir"), b"inner");
+    write_file(&c.path("b"), b"content of b");
+    rename2("b", "d", libc::RENAME_EXCHANGE).expect("RENAME_EXCHANGE of two files");
+    assert_eq!(fs::read(c.path("b")).expect("read b"), b"content of a");
+    assert_eq!(fs::read(c.path("d")).expect("read d"), b"content of b");
+    assert_errno(
+        rename2("b", "missing", libc::RENAME_EXCHANGE),
+        libc::ENOENT,
+        "RENAME_EXCHANGE with a missing target",
+    );
+    rename2("b", "fresh", libc::RENAME_NOREPLACE).expect("RENAME_NOREPLACE to a free name");
+    assert_eq!(fs::read(c.path("fresh")).expect("read fresh"), b"content of a");
+    assert!(!c.path("b").exists(), "RENAME_NOREPLACE left the source name");
 }

@@ -5,7 +5,11 @@
 use jfs_tests::*;
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Write;
+use std::os::unix::io::IntoRawFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Writes a set of closed files (sizes around the block edges, nested dirs,
@@ -190,4 +194,69 @@ fn losing_the_metad_leader_fails_over_while_mounted() {
         1,
         "expected exactly one leader line in:\n{status}"
     );
+}
+
+/// Writes, closes with a checked close(2), and reports whether it all succeeded.
+fn write_and_close(p: &Path, data: &[u8]) -> Result<(), String> {
+    let mut f = fs::File::create(p).map_err(|e| format!("create: {e}"))?;
+    f.write_all(data).map_err(|e| format!("write: {e}"))?;
+    let fd = f.into_raw_fd();
+    // SAFETY: we own fd; std's drop would ignore close's error, which is the one that counts.
+    if unsafe { libc::close(fd) } != 0 {
+        return Err(format!("close: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+#[test]
+fn kill_9_every_server_during_writes_keeps_every_closed_file() {
+    let c = Cluster::start();
+    let closed: Arc<Mutex<Vec<(String, usize, u64)>>> = Arc::new(Mutex::new(Vec::new()));
+    let failed = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (closed, failed, stop, mnt) = (closed.clone(), failed.clone(), stop.clone(), c.mnt.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let name = format!("w{i:04}");
+                let size = ((i * 1_234_567) % (6 << 20)) as usize;
+                match write_and_close(&mnt.join(&name), &pattern(size, i)) {
+                    Ok(()) => closed.lock().expect("lock").push((name, size, i)),
+                    Err(e) => failed.lock().expect("lock").push(format!("{name}: {e}")),
+                }
+                i += 1;
+            }
+        })
+    };
+    let count = || closed.lock().expect("lock").len();
+    wait_for("the writer to close 5 files", Duration::from_secs(60), || count() >= 5);
+    let servers = c.server_names();
+    for n in &servers {
+        c.kill9(n);
+    }
+    let at_crash = count();
+    c.local_up();
+    wait_for(
+        "the writer to close 5 more files after the restart",
+        Duration::from_secs(90),
+        || count() >= at_crash + 5,
+    );
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer thread");
+    let closed = closed.lock().expect("lock").clone();
+    let failed = failed.lock().expect("lock").clone();
+    eprintln!(
+        "{} files closed successfully, {} failed around the crash: {failed:?}",
+        closed.len(),
+        failed.len()
+    );
+    for (name, size, seed) in &closed {
+        let got = fs::read(c.path(name)).unwrap_or_else(|e| panic!("{name} (closed before or after the crash): {e}"));
+        assert!(
+            got.len() == *size && got == pattern(*size, *seed),
+            "{name} ({size} bytes) is damaged: {} bytes read",
+            got.len()
+        );
+    }
 }

@@ -147,7 +147,8 @@ const KEYS: &[(&str, Setter)] = &[
 ];
 
 fn as_str(v: &toml::Value) -> Result<&str, String> {
-    v.as_str().ok_or_else(|| format!("expected a string, got {}", v.type_str()))
+    v.as_str()
+        .ok_or_else(|| format!("expected a string, got {}", v.type_str()))
 }
 
 fn as_int(v: &toml::Value, min: u64, max: u64) -> Result<u64, String> {
@@ -165,9 +166,7 @@ fn as_ms(v: &toml::Value, min: u64, max: u64) -> Result<Duration, String> {
 }
 
 fn check_host_port(s: &str) -> Result<(), String> {
-    let (host, port) = s
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{s:?} is not host:port"))?;
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not host:port"))?;
     if host.is_empty() {
         return Err(format!("{s:?} has no host"));
     }
@@ -205,7 +204,11 @@ fn parse_initial_conf(s: &str) -> Result<Vec<MetaPeer>, String> {
         };
         let raft_addr = format!("{host}:{port}");
         check_host_port(&raft_addr)?;
-        peers.push(MetaPeer { id: i as u64 + 1, raft_addr, rpc_addr: String::new() });
+        peers.push(MetaPeer {
+            id: i as u64 + 1,
+            raft_addr,
+            rpc_addr: String::new(),
+        });
     }
     if peers.is_empty() {
         return Err("expected at least one host:port:0".into());
@@ -215,7 +218,11 @@ fn parse_initial_conf(s: &str) -> Result<Vec<MetaPeer>, String> {
 
 fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, toml::Value>) {
     for (k, v) in table {
-        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         match v {
             // A table that is itself a known key's value does not exist in
             // our schema, so every table is a namespace of keys.
@@ -242,15 +249,20 @@ impl Config {
                 .find(|(k, _)| k == key)
                 .map(|(_, s)| s)
                 .ok_or_else(|| ConfigError::UnknownKey(key.clone()))?;
-            setter(&mut cfg, value).map_err(|problem| ConfigError::BadValue { key: key.clone(), problem })?;
+            setter(&mut cfg, value).map_err(|problem| ConfigError::BadValue {
+                key: key.clone(),
+                problem,
+            })?;
         }
         cfg.link_addresses()?;
         Ok(cfg)
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Config::from_toml_str(&text, path)
     }
 
@@ -306,7 +318,14 @@ namespace.block-size = 1048576
         )
         .unwrap();
         assert_eq!(c.peers.len(), 3);
-        assert_eq!(c.peers[1], MetaPeer { id: 2, raft_addr: "h2:8103".into(), rpc_addr: "h2:8101".into() });
+        assert_eq!(
+            c.peers[1],
+            MetaPeer {
+                id: 2,
+                raft_addr: "h2:8103".into(),
+                rpc_addr: "h2:8101".into()
+            }
+        );
         assert_eq!(c.block_size, 1 << 20);
     }
 
@@ -333,6 +352,9 @@ namespace.block-size = 1048576
 
     #[test]
     fn corrupt_toml_is_a_syntax_error() {
-        assert!(matches!(parse("namespace.block-size = = 3"), Err(ConfigError::Syntax { .. })));
+        assert!(matches!(
+            parse("namespace.block-size = = 3"),
+            Err(ConfigError::Syntax { .. })
+        ));
     }
 }

@@ -157,8 +157,8 @@ impl FsError {
     fn payload(&self) -> String {
         use FsError::*;
         match self {
-            InvalidArgument(m) | NoSpace(m) | NotSupported(m) | Io(m) | Corrupt(m)
-            | Unavailable(m) | NamespaceNotFound(m) | ClusterMismatch(m) | Internal(m) => m.clone(),
+            InvalidArgument(m) | NoSpace(m) | NotSupported(m) | Io(m) | Corrupt(m) | Unavailable(m)
+            | NamespaceNotFound(m) | ClusterMismatch(m) | Internal(m) => m.clone(),
             other => other.to_string(),
         }
     }
@@ -233,7 +233,9 @@ mod tests {
             NotSupported("y".into()),
             Io("z".into()),
             Corrupt("block 7".into()),
-            NotLeader { leader: Some("127.0.0.1:8101".into()) },
+            NotLeader {
+                leader: Some("127.0.0.1:8101".into()),
+            },
             NotLeader { leader: None },
             Unavailable("no quorum".into()),
             StaleRequest,

@@ -17,7 +17,10 @@ pub mod rpc {
 
     impl Timespec {
         pub fn from_nanos(ns: i128) -> Timespec {
-            Timespec { sec: ns.div_euclid(1_000_000_000) as i64, nsec: ns.rem_euclid(1_000_000_000) as u32 }
+            Timespec {
+                sec: ns.div_euclid(1_000_000_000) as i64,
+                nsec: ns.rem_euclid(1_000_000_000) as u32,
+            }
         }
         pub fn as_nanos(&self) -> i128 {
             self.sec as i128 * 1_000_000_000 + self.nsec as i128

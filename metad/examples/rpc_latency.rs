@@ -19,7 +19,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..n {
         c.status(jfs_common::rpc::StatusRequest {}).await?;
     }
-    println!("status (no read index): {:.0} us", t.elapsed().as_micros() as f64 / n as f64);
+    println!(
+        "status (no read index): {:.0} us",
+        t.elapsed().as_micros() as f64 / n as f64
+    );
     let t = Instant::now();
     for _ in 0..n {
         c.get_attr(GetAttrRequest { ns: 1, ino: 1 }).await?;
@@ -27,17 +30,41 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("getattr: {:.0} us", t.elapsed().as_micros() as f64 / n as f64);
     let t = Instant::now();
     for i in 0..n {
-        let hdr = Some(ReqHeader { client_id, seq: i + 1, acked_below: i + 1 });
+        let hdr = Some(ReqHeader {
+            client_id,
+            seq: i + 1,
+            acked_below: i + 1,
+        });
         let name = format!("lat-{client_id:x}-{i}").into_bytes();
-        c.mknod(MknodRequest { hdr, ns: 1, parent: 1, name, mode: libc::S_IFDIR | 0o755, uid: 0, gid: 0, rdev: 0, exclusive: true })
-            .await?;
+        c.mknod(MknodRequest {
+            hdr,
+            ns: 1,
+            parent: 1,
+            name,
+            mode: libc::S_IFDIR | 0o755,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            exclusive: true,
+        })
+        .await?;
     }
     println!("mkdir: {:.0} us", t.elapsed().as_micros() as f64 / n as f64);
     let t = Instant::now();
     for i in 0..n {
-        let hdr = Some(ReqHeader { client_id, seq: n + i + 1, acked_below: n + i + 1 });
+        let hdr = Some(ReqHeader {
+            client_id,
+            seq: n + i + 1,
+            acked_below: n + i + 1,
+        });
         let name = format!("lat-{client_id:x}-{i}").into_bytes();
-        c.rmdir(RmdirRequest { hdr, ns: 1, parent: 1, name }).await?;
+        c.rmdir(RmdirRequest {
+            hdr,
+            ns: 1,
+            parent: 1,
+            name,
+        })
+        .await?;
     }
     println!("rmdir: {:.0} us", t.elapsed().as_micros() as f64 / n as f64);
     Ok(())

@@ -27,7 +27,10 @@ pub struct BlockdRegistry {
 
 impl BlockdRegistry {
     pub fn new(dead_after: Duration) -> Self {
-        BlockdRegistry { dead_after, nodes: Mutex::new(HashMap::new()) }
+        BlockdRegistry {
+            dead_after,
+            nodes: Mutex::new(HashMap::new()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BlockdInfo>> {

@@ -93,7 +93,9 @@ fn cat(parts: &[&[u8]]) -> Vec<u8> {
 
 /// The u64 stored big-endian at `off` of a key (an index or block id).
 pub fn be_u64_at(key: &[u8], off: usize) -> Option<u64> {
-    key.get(off..off + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)
+    key.get(off..off + 8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
 }
 
 /// Offsets into keys built above, for decoding scans.

@@ -30,7 +30,10 @@ pub struct Txn<'a, R: KvRead + ?Sized> {
 
 impl<'a, R: KvRead + ?Sized> Txn<'a, R> {
     pub fn new(base: &'a R) -> Self {
-        Txn { base, writes: BTreeMap::new() }
+        Txn {
+            base,
+            writes: BTreeMap::new(),
+        }
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
@@ -53,10 +56,7 @@ impl<'a, R: KvRead + ?Sized> Txn<'a, R> {
         // starve the result, then merge the buffered writes in key order.
         let overlay: Vec<(&Vec<u8>, &Option<Vec<u8>>)> = self
             .writes
-            .range::<[u8], _>((
-                after.map_or(Bound::Included(prefix), Bound::Excluded),
-                Bound::Unbounded,
-            ))
+            .range::<[u8], _>((after.map_or(Bound::Included(prefix), Bound::Excluded), Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
             .collect();
         let base = self.base.scan(prefix, after, limit.saturating_add(overlay.len()))?;
@@ -128,7 +128,12 @@ mod tests {
         assert_eq!(t.get(b"a4").unwrap(), Some(b"w".to_vec()));
         let keys: Vec<Vec<u8>> = t.scan(b"a", None, 10).unwrap().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, vec![b"a1".to_vec(), b"a3".to_vec(), b"a4".to_vec()]);
-        let keys: Vec<Vec<u8>> = t.scan(b"a", Some(b"a1"), 1).unwrap().into_iter().map(|(k, _)| k).collect();
+        let keys: Vec<Vec<u8>> = t
+            .scan(b"a", Some(b"a1"), 1)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         assert_eq!(keys, vec![b"a3".to_vec()]);
     }
 }

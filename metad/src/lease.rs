@@ -64,7 +64,8 @@ impl LeaseTracker {
 
     pub fn valid(&self, me: NodeId, term: u64, voters: &[NodeId], lease: Duration) -> bool {
         let now = Instant::now();
-        self.quorum_ack(me, term, voters, now).is_some_and(|s| now.saturating_duration_since(s) < lease)
+        self.quorum_ack(me, term, voters, now)
+            .is_some_and(|s| now.saturating_duration_since(s) < lease)
     }
 }
 
@@ -79,9 +80,15 @@ mod tests {
         let voters = [1, 2, 3];
         assert!(!l.valid(1, 5, &voters, lease), "no acks yet");
         l.record_ack(2, 4, Instant::now());
-        assert!(!l.valid(1, 5, &voters, lease), "an ack from an older term does not count");
+        assert!(
+            !l.valid(1, 5, &voters, lease),
+            "an ack from an older term does not count"
+        );
         l.record_ack(2, 5, Instant::now());
-        assert!(l.valid(1, 5, &voters, lease), "self + one follower is a quorum of three");
+        assert!(
+            l.valid(1, 5, &voters, lease),
+            "self + one follower is a quorum of three"
+        );
         l.record_ack(3, 5, Instant::now() - Duration::from_secs(10));
         let old = Instant::now() - Duration::from_secs(1);
         let l2 = LeaseTracker::default();

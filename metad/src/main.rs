@@ -141,10 +141,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             )
         })?
         .clone();
-    let data_dir = args.data_dir.clone().unwrap_or_else(|| cfg.metad_data_dir.join(format!("node{}", args.node_id)));
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| cfg.metad_data_dir.join(format!("node{}", args.node_id)));
     std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let db = raft_store::open_db(&data_dir.join("db")).with_context(|| {
-        format!("cannot open the metadata database in {} (is another jfs-metad using it?)", data_dir.display())
+        format!(
+            "cannot open the metadata database in {} (is another jfs-metad using it?)",
+            data_dir.display()
+        )
     })?;
 
     let log_store = raft_store::LogStore::new(db.clone());
@@ -162,7 +168,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let members: BTreeMap<u64, MetaNode> = cfg
             .peers
             .iter()
-            .map(|p| (p.id, MetaNode { raft_addr: p.raft_addr.clone(), rpc_addr: p.rpc_addr.clone() }))
+            .map(|p| {
+                (
+                    p.id,
+                    MetaNode {
+                        raft_addr: p.raft_addr.clone(),
+                        rpc_addr: p.rpc_addr.clone(),
+                    },
+                )
+            })
             .collect();
         match raft.initialize(members).await {
             Ok(()) => tracing::info!(nodes = cfg.peers.len(), "initialised a new cluster from initial-conf"),
@@ -199,7 +213,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .max_decoding_message_size(jfs_common::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(jfs_common::MAX_MESSAGE_BYTES);
     // A brand-new node has never acknowledged a leader, so it has no lease to honour.
-    let vote_quiet = if fresh { Duration::ZERO } else { Duration::from_millis(rcfg.election_timeout_max) };
+    let vote_quiet = if fresh {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(rcfg.election_timeout_max)
+    };
     let raft_svc = RaftServer::new(raft_network::RaftService::new(raft.clone(), vote_quiet))
         .max_decoding_message_size(jfs_common::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(jfs_common::MAX_MESSAGE_BYTES);

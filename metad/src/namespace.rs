@@ -149,7 +149,9 @@ pub fn check_name(name: &[u8]) -> Result<(), FsError> {
         return Err(FsError::InvalidArgument("file name contains '/' or NUL".into()));
     }
     if name == b"." || name == b".." {
-        return Err(FsError::InvalidArgument("\".\" and \"..\" cannot be used as names".into()));
+        return Err(FsError::InvalidArgument(
+            "\".\" and \"..\" cannot be used as names".into(),
+        ));
     }
     Ok(())
 }
@@ -157,11 +159,15 @@ pub fn check_name(name: &[u8]) -> Result<(), FsError> {
 // ------------------------------------------------------------------ reads
 
 pub fn namespace_by_name<R: KvRead + ?Sized>(kv: &R, name: &str) -> Result<Option<NamespaceRec>, KvError> {
-    kv.get(&keys::namespace(name))?.map(|v| decode("namespace", &v)).transpose()
+    kv.get(&keys::namespace(name))?
+        .map(|v| decode("namespace", &v))
+        .transpose()
 }
 
 pub fn namespace_by_id<R: KvRead + ?Sized>(kv: &R, ns: u32) -> Result<Option<NamespaceRec>, KvError> {
-    kv.get(&keys::ns_meta(ns, "record"))?.map(|v| decode("namespace", &v)).transpose()
+    kv.get(&keys::ns_meta(ns, "record"))?
+        .map(|v| decode("namespace", &v))
+        .transpose()
 }
 
 pub fn list_namespaces<R: KvRead + ?Sized>(kv: &R) -> Result<Vec<NamespaceRec>, KvError> {
@@ -247,7 +253,8 @@ pub fn readlink<R: KvRead + ?Sized>(kv: &R, ns: u32, ino: u64) -> NsResult<Vec<u
 
 pub fn get_xattr<R: KvRead + ?Sized>(kv: &R, ns: u32, ino: u64, name: &[u8]) -> NsResult<Vec<u8>> {
     get_inode(kv, ns, ino)?;
-    kv.get(&keys::xattr(ns, ino, name))?.ok_or(NsError::Fs(FsError::NoAttribute))
+    kv.get(&keys::xattr(ns, ino, name))?
+        .ok_or(NsError::Fs(FsError::NoAttribute))
 }
 
 pub fn list_xattr<R: KvRead + ?Sized>(kv: &R, ns: u32, ino: u64) -> NsResult<Vec<Vec<u8>>> {
@@ -290,7 +297,10 @@ pub struct NsUsage {
 }
 
 pub fn usage<R: KvRead + ?Sized>(kv: &R, ns: u32) -> Result<NsUsage, KvError> {
-    Ok(NsUsage { inodes: get_u64(kv, &keys::ns_meta(ns, "inodes"))?, bytes: get_u64(kv, &keys::ns_meta(ns, "bytes"))? })
+    Ok(NsUsage {
+        inodes: get_u64(kv, &keys::ns_meta(ns, "inodes"))?,
+        bytes: get_u64(kv, &keys::ns_meta(ns, "bytes"))?,
+    })
 }
 
 /// Blocks no file refers to any more, oldest first.
@@ -375,36 +385,89 @@ fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<R
     let mut c = Ctx { t, now: cmd.now_ns };
     match &cmd.op {
         Op::InitCluster { cluster_id } => c.init_cluster(cluster_id),
-        Op::CreateNamespace { name, block_size, replication, if_not_exists } => {
-            c.create_namespace(name, *block_size, *replication, *if_not_exists)
-        }
-        Op::Mknod { ns, parent, name, mode, uid, gid, rdev, exclusive } => {
-            c.mknod(*ns, *parent, name, *mode, *uid, *gid, *rdev, *exclusive, &[])
-        }
-        Op::Symlink { ns, parent, name, target, uid, gid } => {
+        Op::CreateNamespace {
+            name,
+            block_size,
+            replication,
+            if_not_exists,
+        } => c.create_namespace(name, *block_size, *replication, *if_not_exists),
+        Op::Mknod {
+            ns,
+            parent,
+            name,
+            mode,
+            uid,
+            gid,
+            rdev,
+            exclusive,
+        } => c.mknod(*ns, *parent, name, *mode, *uid, *gid, *rdev, *exclusive, &[]),
+        Op::Symlink {
+            ns,
+            parent,
+            name,
+            target,
+            uid,
+            gid,
+        } => {
             if target.is_empty() || target.len() > MAX_SYMLINK_LEN {
                 return Err(FsError::InvalidArgument("symlink target must be 1..4096 bytes".into()).into());
             }
             c.mknod(*ns, *parent, name, S_IFLNK | 0o777, *uid, *gid, 0, true, target)
         }
-        Op::Link { ns, ino, new_parent, new_name } => c.link(*ns, *ino, *new_parent, new_name),
-        Op::Unlink { ns, parent, name, keep_if_open } => c.unlink(*ns, *parent, name, *keep_if_open),
+        Op::Link {
+            ns,
+            ino,
+            new_parent,
+            new_name,
+        } => c.link(*ns, *ino, *new_parent, new_name),
+        Op::Unlink {
+            ns,
+            parent,
+            name,
+            keep_if_open,
+        } => c.unlink(*ns, *parent, name, *keep_if_open),
         Op::Rmdir { ns, parent, name } => c.rmdir(*ns, *parent, name),
-        Op::Rename { ns, parent, name, new_parent, new_name, flags, keep_if_open } => {
-            c.rename(*ns, *parent, name, *new_parent, new_name, *flags, *keep_if_open)
-        }
+        Op::Rename {
+            ns,
+            parent,
+            name,
+            new_parent,
+            new_name,
+            flags,
+            keep_if_open,
+        } => c.rename(*ns, *parent, name, *new_parent, new_name, *flags, *keep_if_open),
         Op::ReleaseOrphan { ns, ino } => c.release_orphan(*ns, *ino),
-        Op::SetAttr { ns, ino, mode, uid, gid, size, atime, mtime, ctime } => {
-            c.setattr(*ns, *ino, *mode, *uid, *gid, *size, *atime, *mtime, *ctime)
-        }
-        Op::SetXattr { ns, ino, name, value, flags } => c.set_xattr(*ns, *ino, name, value, *flags),
+        Op::SetAttr {
+            ns,
+            ino,
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            ctime,
+        } => c.setattr(*ns, *ino, *mode, *uid, *gid, *size, *atime, *mtime, *ctime),
+        Op::SetXattr {
+            ns,
+            ino,
+            name,
+            value,
+            flags,
+        } => c.set_xattr(*ns, *ino, name, value, *flags),
         Op::RemoveXattr { ns, ino, name } => c.remove_xattr(*ns, *ino, name),
         Op::AllocateBlocks { count } => {
             let first = txn_u64(c.t, keys::NEXT_BLOCK)?.max(1);
             c.t.put(keys::NEXT_BLOCK.to_vec(), encode(&(first + *count as u64)));
             Ok(Reply::BlockIds { first, count: *count })
         }
-        Op::CommitWrite { ns, ino, blocks, size, mtime } => c.commit_write(*ns, *ino, blocks, *size, *mtime),
+        Op::CommitWrite {
+            ns,
+            ino,
+            blocks,
+            size,
+            mtime,
+        } => c.commit_write(*ns, *ino, blocks, *size, *mtime),
         Op::ForgetGarbage { replica, block_ids } => {
             for id in block_ids {
                 let key = keys::garbage(*id);
@@ -443,7 +506,11 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
     }
 
     fn dirent(&self, ns: u32, parent: u64, name: &[u8]) -> NsResult<Option<Dirent>> {
-        Ok(self.t.get(&keys::dirent(ns, parent, name))?.map(|v| decode("dirent", &v)).transpose()?)
+        Ok(self
+            .t
+            .get(&keys::dirent(ns, parent, name))?
+            .map(|v| decode("dirent", &v))
+            .transpose()?)
     }
 
     fn touch_dir(&mut self, ns: u32, ino: u64, nlink_delta: i32) -> NsResult<()> {
@@ -462,7 +529,13 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
         Ok(Reply::Ok)
     }
 
-    fn create_namespace(&mut self, name: &str, block_size: u64, replication: u32, if_not_exists: bool) -> NsResult<Reply> {
+    fn create_namespace(
+        &mut self,
+        name: &str,
+        block_size: u64,
+        replication: u32,
+        if_not_exists: bool,
+    ) -> NsResult<Reply> {
         if name.is_empty()
             || name.len() > 64
             || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
@@ -579,7 +652,8 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
             target: target.to_vec(),
         };
         self.put_inode(ns, ino, &inode);
-        self.t.put(keys::dirent(ns, parent, name), encode(&Dirent { ino, kind }));
+        self.t
+            .put(keys::dirent(ns, parent, name), encode(&Dirent { ino, kind }));
         self.touch_dir(ns, parent, if is_dir { 1 } else { 0 })?;
         txn_add(self.t, keys::ns_meta(ns, "inodes"), 1)?;
         Ok(Reply::Attr(inode.attr(ino)))
@@ -604,7 +678,13 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
         inode.nlink += 1;
         inode.ctime = self.now;
         self.put_inode(ns, ino, &inode);
-        self.t.put(keys::dirent(ns, new_parent, new_name), encode(&Dirent { ino, kind: inode.mode & S_IFMT }));
+        self.t.put(
+            keys::dirent(ns, new_parent, new_name),
+            encode(&Dirent {
+                ino,
+                kind: inode.mode & S_IFMT,
+            }),
+        );
         self.touch_dir(ns, new_parent, 0)?;
         Ok(Reply::Attr(inode.attr(ino)))
     }
@@ -652,7 +732,11 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
         self.t.delete(keys::dirent(ns, parent, name));
         self.touch_dir(ns, parent, 0)?;
         let (orphaned, attr) = self.drop_link(ns, ent.ino, keep_if_open)?;
-        Ok(Reply::Unlinked { ino: ent.ino, orphaned, attr })
+        Ok(Reply::Unlinked {
+            ino: ent.ino,
+            orphaned,
+            attr,
+        })
     }
 
     fn rmdir(&mut self, ns: u32, parent: u64, name: &[u8]) -> NsResult<Reply> {
@@ -675,7 +759,11 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
         self.t.delete(keys::dirent(ns, parent, name));
         self.destroy_inode(ns, ent.ino, &inode)?;
         self.touch_dir(ns, parent, -1)?;
-        Ok(Reply::Unlinked { ino: ent.ino, orphaned: false, attr: None })
+        Ok(Reply::Unlinked {
+            ino: ent.ino,
+            orphaned: false,
+            attr: None,
+        })
     }
 
     /// True when `dir` is `ancestor` or lies below it.
@@ -689,7 +777,9 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
             }
             dir = self.inode(ns, dir)?.parent;
         }
-        Err(NsError::Storage(KvError("directory parent chain does not reach the root".into())))
+        Err(NsError::Storage(KvError(
+            "directory parent chain does not reach the root".into(),
+        )))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -705,9 +795,7 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
     ) -> NsResult<Reply> {
         check_name(name)?;
         check_name(new_name)?;
-        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
-            || flags == (RENAME_NOREPLACE | RENAME_EXCHANGE)
-        {
+        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 || flags == (RENAME_NOREPLACE | RENAME_EXCHANGE) {
             return Err(FsError::InvalidArgument(format!("rename flags {flags:#x}")).into());
         }
         self.dir(ns, parent)?;
@@ -720,7 +808,10 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
             let dst = dst.ok_or(FsError::NotFound)?;
             let dst_is_dir = dst.kind == S_IFDIR;
             if src.ino == dst.ino {
-                return Ok(Reply::Renamed { replaced_ino: 0, orphaned: false });
+                return Ok(Reply::Renamed {
+                    replaced_ino: 0,
+                    orphaned: false,
+                });
             }
             if (src_is_dir && self.is_within(ns, new_parent, src.ino)?)
                 || (dst_is_dir && self.is_within(ns, parent, dst.ino)?)
@@ -744,7 +835,10 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
             } else {
                 self.touch_dir(ns, parent, 0)?;
             }
-            return Ok(Reply::Renamed { replaced_ino: 0, orphaned: false });
+            return Ok(Reply::Renamed {
+                replaced_ino: 0,
+                orphaned: false,
+            });
         }
 
         if let Some(d) = dst {
@@ -753,7 +847,10 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
             }
             if d.ino == src.ino {
                 // Two names of one inode: POSIX says do nothing.
-                return Ok(Reply::Renamed { replaced_ino: 0, orphaned: false });
+                return Ok(Reply::Renamed {
+                    replaced_ino: 0,
+                    orphaned: false,
+                });
             }
         }
         if src_is_dir && self.is_within(ns, new_parent, src.ino)? {
@@ -949,7 +1046,12 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
     ) -> NsResult<Reply> {
         let mut inode = self.inode(ns, ino)?;
         if !inode.is_reg() {
-            return Err(if inode.is_dir() { FsError::IsDirectory } else { FsError::InvalidArgument("not a regular file".into()) }.into());
+            return Err(if inode.is_dir() {
+                FsError::IsDirectory
+            } else {
+                FsError::InvalidArgument("not a regular file".into())
+            }
+            .into());
         }
         if size > MAX_FILE_SIZE {
             return Err(FsError::FileTooBig.into());
@@ -957,7 +1059,9 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
         let rec = namespace_by_id(&*self.t, ns)?.ok_or_else(|| FsError::NamespaceNotFound(format!("id {ns}")))?;
         for (index, b) in blocks {
             if b.len > rec.block_size || index.saturating_mul(rec.block_size) >= size.max(1) && b.len > 0 {
-                return Err(FsError::InvalidArgument(format!("block ref {index} lies outside a file of {size} bytes")).into());
+                return Err(
+                    FsError::InvalidArgument(format!("block ref {index} lies outside a file of {size} bytes")).into(),
+                );
             }
             let key = keys::block(ns, ino, *index);
             if let Some(old) = self.t.get(&key)? {
@@ -1011,15 +1115,30 @@ mod tests {
 
     impl Fs {
         fn new() -> Fs {
-            let mut fs = Fs { kv: MemKv::default(), seq: 0, ns: 0 };
-            match fs.run(Op::CreateNamespace { name: "t".into(), block_size: 1 << 20, replication: 1, if_not_exists: false }) {
+            let mut fs = Fs {
+                kv: MemKv::default(),
+                seq: 0,
+                ns: 0,
+            };
+            match fs.run(Op::CreateNamespace {
+                name: "t".into(),
+                block_size: 1 << 20,
+                replication: 1,
+                if_not_exists: false,
+            }) {
                 Ok(Reply::Namespace(r)) => fs.ns = r.id,
                 other => panic!("{other:?}"),
             }
             fs
         }
         fn run_as(&mut self, client: u64, seq: u64, op: Op) -> ApplyResult {
-            let cmd = Command { client_id: client, seq, acked_below: 0, now_ns: 1_000 + seq as i64, op };
+            let cmd = Command {
+                client_id: client,
+                seq,
+                acked_below: 0,
+                now_ns: 1_000 + seq as i64,
+                op,
+            };
             let mut t = Txn::new(&self.kv);
             let r = apply_command(&mut t, &cmd).unwrap();
             let w = t.into_writes();
@@ -1032,7 +1151,16 @@ mod tests {
         }
         fn mk(&mut self, parent: u64, name: &str, mode: u32) -> ApplyResult {
             let ns = self.ns;
-            self.run(Op::Mknod { ns, parent, name: name.into(), mode, uid: 0, gid: 0, rdev: 0, exclusive: true })
+            self.run(Op::Mknod {
+                ns,
+                parent,
+                name: name.into(),
+                mode,
+                uid: 0,
+                gid: 0,
+                rdev: 0,
+                exclusive: true,
+            })
         }
         fn ino(&mut self, parent: u64, name: &str, mode: u32) -> u64 {
             match self.mk(parent, name, mode) {
@@ -1068,17 +1196,55 @@ mod tests {
         assert!(matches!(fs.mk(d, "a/b", S_IFREG), Err(FsError::InvalidArgument(_))));
         let f = lookup(&fs.kv, fs.ns, d, b"f").unwrap();
         assert_eq!(f.mode, S_IFREG | 0o644);
-        assert!(matches!(lookup(&fs.kv, fs.ns, f.ino, b"x"), Err(NsError::Fs(FsError::NotDirectory))));
-        assert!(matches!(lookup(&fs.kv, fs.ns, d, b"nope"), Err(NsError::Fs(FsError::NotFound))));
+        assert!(matches!(
+            lookup(&fs.kv, fs.ns, f.ino, b"x"),
+            Err(NsError::Fs(FsError::NotDirectory))
+        ));
+        assert!(matches!(
+            lookup(&fs.kv, fs.ns, d, b"nope"),
+            Err(NsError::Fs(FsError::NotFound))
+        ));
         let ns = fs.ns;
-        assert_eq!(fs.run(Op::Rmdir { ns, parent: ROOT_INO, name: b"d".to_vec() }), Err(FsError::NotEmpty));
         assert_eq!(
-            fs.run(Op::Unlink { ns, parent: ROOT_INO, name: b"d".to_vec(), keep_if_open: false }),
+            fs.run(Op::Rmdir {
+                ns,
+                parent: ROOT_INO,
+                name: b"d".to_vec()
+            }),
+            Err(FsError::NotEmpty)
+        );
+        assert_eq!(
+            fs.run(Op::Unlink {
+                ns,
+                parent: ROOT_INO,
+                name: b"d".to_vec(),
+                keep_if_open: false
+            }),
             Err(FsError::IsDirectory)
         );
-        assert_eq!(fs.run(Op::Rmdir { ns, parent: d, name: b"f".to_vec() }), Err(FsError::NotDirectory));
-        assert!(fs.run(Op::Unlink { ns, parent: d, name: b"f".to_vec(), keep_if_open: false }).is_ok());
-        assert!(fs.run(Op::Rmdir { ns, parent: ROOT_INO, name: b"d".to_vec() }).is_ok());
+        assert_eq!(
+            fs.run(Op::Rmdir {
+                ns,
+                parent: d,
+                name: b"f".to_vec()
+            }),
+            Err(FsError::NotDirectory)
+        );
+        assert!(fs
+            .run(Op::Unlink {
+                ns,
+                parent: d,
+                name: b"f".to_vec(),
+                keep_if_open: false
+            })
+            .is_ok());
+        assert!(fs
+            .run(Op::Rmdir {
+                ns,
+                parent: ROOT_INO,
+                name: b"d".to_vec()
+            })
+            .is_ok());
         assert_eq!(fs.attr(ROOT_INO).nlink, 2);
         assert_eq!(usage(&fs.kv, ns).unwrap().inodes, 1);
     }
@@ -1087,14 +1253,27 @@ mod tests {
     fn retried_request_gets_the_saved_reply() {
         let mut fs = Fs::new();
         let ns = fs.ns;
-        let op = Op::Mknod { ns, parent: ROOT_INO, name: b"x".to_vec(), mode: S_IFDIR | 0o700, uid: 0, gid: 0, rdev: 0, exclusive: true };
+        let op = Op::Mknod {
+            ns,
+            parent: ROOT_INO,
+            name: b"x".to_vec(),
+            mode: S_IFDIR | 0o700,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            exclusive: true,
+        };
         let first = fs.run_as(42, 5, op.clone());
         assert!(first.is_ok());
         // The same (client, seq) again — as after a leader failover — is not EEXIST.
         assert_eq!(fs.run_as(42, 5, op.clone()), first);
         // A new request with the same content is a new operation.
         assert_eq!(fs.run_as(42, 6, op), Err(FsError::AlreadyExists));
-        let unlink = Op::Rmdir { ns, parent: ROOT_INO, name: b"x".to_vec() };
+        let unlink = Op::Rmdir {
+            ns,
+            parent: ROOT_INO,
+            name: b"x".to_vec(),
+        };
         assert!(fs.run_as(42, 7, unlink.clone()).is_ok());
         assert!(fs.run_as(42, 7, unlink).is_ok());
     }
@@ -1104,16 +1283,38 @@ mod tests {
         let mut fs = Fs::new();
         let ns = fs.ns;
         for seq in 1..=5 {
-            let op = Op::Mknod { ns, parent: ROOT_INO, name: format!("f{seq}").into_bytes(), mode: S_IFREG, uid: 0, gid: 0, rdev: 0, exclusive: true };
-            let cmd = Command { client_id: 9, seq, acked_below: seq, now_ns: 1, op };
+            let op = Op::Mknod {
+                ns,
+                parent: ROOT_INO,
+                name: format!("f{seq}").into_bytes(),
+                mode: S_IFREG,
+                uid: 0,
+                gid: 0,
+                rdev: 0,
+                exclusive: true,
+            };
+            let cmd = Command {
+                client_id: 9,
+                seq,
+                acked_below: seq,
+                now_ns: 1,
+                op,
+            };
             let mut t = Txn::new(&fs.kv);
             apply_command(&mut t, &cmd).unwrap().unwrap();
             let w = t.into_writes();
             fs.kv.apply(w);
         }
-        let saved = fs.kv.scan(&[&b"S"[..], &9u64.to_be_bytes()].concat(), None, 100).unwrap();
+        let saved = fs
+            .kv
+            .scan(&[&b"S"[..], &9u64.to_be_bytes()].concat(), None, 100)
+            .unwrap();
         assert_eq!(saved.len(), 1, "only the newest reply is kept");
-        let op = Op::Rmdir { ns, parent: ROOT_INO, name: b"f1".to_vec() };
+        let op = Op::Rmdir {
+            ns,
+            parent: ROOT_INO,
+            name: b"f1".to_vec(),
+        };
         assert_eq!(fs.run_as(9, 2, op), Err(FsError::StaleRequest));
     }
 
@@ -1124,13 +1325,28 @@ mod tests {
         let b = fs.ino(a, "b", S_IFDIR | 0o755);
         fs.ino(ROOT_INO, "f", S_IFREG | 0o644);
         let g = fs.ino(ROOT_INO, "g", S_IFREG | 0o644);
-        assert!(matches!(fs.rename(ROOT_INO, "a", b, "x", 0), Err(FsError::InvalidArgument(_))));
-        assert!(matches!(fs.rename(ROOT_INO, "a", a, "x", 0), Err(FsError::InvalidArgument(_))));
-        assert_eq!(fs.rename(ROOT_INO, "f", ROOT_INO, "g", RENAME_NOREPLACE), Err(FsError::AlreadyExists));
+        assert!(matches!(
+            fs.rename(ROOT_INO, "a", b, "x", 0),
+            Err(FsError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            fs.rename(ROOT_INO, "a", a, "x", 0),
+            Err(FsError::InvalidArgument(_))
+        ));
+        assert_eq!(
+            fs.rename(ROOT_INO, "f", ROOT_INO, "g", RENAME_NOREPLACE),
+            Err(FsError::AlreadyExists)
+        );
         assert_eq!(fs.rename(ROOT_INO, "f", ROOT_INO, "a", 0), Err(FsError::IsDirectory));
         assert_eq!(fs.rename(ROOT_INO, "a", ROOT_INO, "f", 0), Err(FsError::NotDirectory));
         // Replace g with f atomically.
-        assert_eq!(fs.rename(ROOT_INO, "f", ROOT_INO, "g", 0), Ok(Reply::Renamed { replaced_ino: g, orphaned: false }));
+        assert_eq!(
+            fs.rename(ROOT_INO, "f", ROOT_INO, "g", 0),
+            Ok(Reply::Renamed {
+                replaced_ino: g,
+                orphaned: false
+            })
+        );
         assert!(get_inode(&fs.kv, fs.ns, g).is_err());
         // Move directory b up; link counts follow.
         assert!(fs.rename(a, "b", ROOT_INO, "b", 0).is_ok());
@@ -1158,12 +1374,30 @@ mod tests {
         let mut fs = Fs::new();
         let ns = fs.ns;
         let f = fs.ino(ROOT_INO, "f", S_IFREG | 0o644);
-        let r = fs.run(Op::Link { ns, ino: f, new_parent: ROOT_INO, new_name: b"h".to_vec() });
+        let r = fs.run(Op::Link {
+            ns,
+            ino: f,
+            new_parent: ROOT_INO,
+            new_name: b"h".to_vec(),
+        });
         assert_eq!(r.unwrap(), Reply::Attr(fs.attr(f)));
         assert_eq!(fs.attr(f).nlink, 2);
-        fs.run(Op::Unlink { ns, parent: ROOT_INO, name: b"f".to_vec(), keep_if_open: false }).unwrap();
+        fs.run(Op::Unlink {
+            ns,
+            parent: ROOT_INO,
+            name: b"f".to_vec(),
+            keep_if_open: false,
+        })
+        .unwrap();
         assert_eq!(fs.attr(f).nlink, 1);
-        let r = fs.run(Op::Unlink { ns, parent: ROOT_INO, name: b"h".to_vec(), keep_if_open: true }).unwrap();
+        let r = fs
+            .run(Op::Unlink {
+                ns,
+                parent: ROOT_INO,
+                name: b"h".to_vec(),
+                keep_if_open: true,
+            })
+            .unwrap();
         assert!(matches!(r, Reply::Unlinked { orphaned: true, .. }));
         assert_eq!(fs.attr(f).nlink, 0, "still readable while open");
         fs.run(Op::ReleaseOrphan { ns, ino: f }).unwrap();
@@ -1177,23 +1411,72 @@ mod tests {
         let f = fs.ino(ROOT_INO, "f", S_IFREG | 0o644);
         let mb = 1u64 << 20;
         let blocks: Vec<(u64, BlockRec)> = (0..3)
-            .map(|i| (i, BlockRec { block_id: 10 + i, len: mb, replicas: vec!["r".into()] }))
+            .map(|i| {
+                (
+                    i,
+                    BlockRec {
+                        block_id: 10 + i,
+                        len: mb,
+                        replicas: vec!["r".into()],
+                    },
+                )
+            })
             .collect();
-        fs.run(Op::CommitWrite { ns, ino: f, blocks, size: 3 * mb, mtime: None }).unwrap();
+        fs.run(Op::CommitWrite {
+            ns,
+            ino: f,
+            blocks,
+            size: 3 * mb,
+            mtime: None,
+        })
+        .unwrap();
         assert_eq!(usage(&fs.kv, ns).unwrap().bytes, 3 * mb);
         // Overwrite block 1: the old one becomes garbage.
-        let nb = vec![(1, BlockRec { block_id: 20, len: mb, replicas: vec!["r".into()] })];
-        fs.run(Op::CommitWrite { ns, ino: f, blocks: nb, size: 3 * mb, mtime: None }).unwrap();
-        assert_eq!(garbage(&fs.kv, 10).unwrap().iter().map(|g| g.0).collect::<Vec<_>>(), vec![11]);
+        let nb = vec![(
+            1,
+            BlockRec {
+                block_id: 20,
+                len: mb,
+                replicas: vec!["r".into()],
+            },
+        )];
+        fs.run(Op::CommitWrite {
+            ns,
+            ino: f,
+            blocks: nb,
+            size: 3 * mb,
+            mtime: None,
+        })
+        .unwrap();
+        assert_eq!(
+            garbage(&fs.kv, 10).unwrap().iter().map(|g| g.0).collect::<Vec<_>>(),
+            vec![11]
+        );
         // Truncate into block 1: block 2 goes, block 1 is shortened.
-        let r = fs.run(Op::SetAttr { ns, ino: f, mode: None, uid: None, gid: None, size: Some(mb + 5), atime: None, mtime: None, ctime: None });
+        let r = fs.run(Op::SetAttr {
+            ns,
+            ino: f,
+            mode: None,
+            uid: None,
+            gid: None,
+            size: Some(mb + 5),
+            atime: None,
+            mtime: None,
+            ctime: None,
+        });
         assert!(r.is_ok());
         let (attr, refs) = get_blocks(&fs.kv, ns, f, 0, 10).unwrap();
         assert_eq!(attr.size, mb + 5);
         assert_eq!(refs.len(), 2);
         assert_eq!(refs[1].1.len, 5);
         assert_eq!(garbage(&fs.kv, 10).unwrap().len(), 2);
-        fs.run(Op::Unlink { ns, parent: ROOT_INO, name: b"f".to_vec(), keep_if_open: false }).unwrap();
+        fs.run(Op::Unlink {
+            ns,
+            parent: ROOT_INO,
+            name: b"f".to_vec(),
+            keep_if_open: false,
+        })
+        .unwrap();
         assert_eq!(garbage(&fs.kv, 10).unwrap().len(), 4);
         assert_eq!(usage(&fs.kv, ns).unwrap().bytes, 0);
     }
@@ -1203,8 +1486,28 @@ mod tests {
         let mut fs = Fs::new();
         let ns = fs.ns;
         let d = fs.ino(ROOT_INO, "d", S_IFDIR | 0o2775);
-        fs.run(Op::SetAttr { ns, ino: d, mode: None, uid: None, gid: Some(50), size: None, atime: None, mtime: None, ctime: None }).unwrap();
-        let r = fs.run(Op::Mknod { ns, parent: d, name: b"s".to_vec(), mode: S_IFDIR | 0o755, uid: 1, gid: 1, rdev: 0, exclusive: true });
+        fs.run(Op::SetAttr {
+            ns,
+            ino: d,
+            mode: None,
+            uid: None,
+            gid: Some(50),
+            size: None,
+            atime: None,
+            mtime: None,
+            ctime: None,
+        })
+        .unwrap();
+        let r = fs.run(Op::Mknod {
+            ns,
+            parent: d,
+            name: b"s".to_vec(),
+            mode: S_IFDIR | 0o755,
+            uid: 1,
+            gid: 1,
+            rdev: 0,
+            exclusive: true,
+        });
         match r {
             Ok(Reply::Attr(a)) => {
                 assert_eq!(a.gid, 50);

@@ -35,7 +35,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &MetaNode) -> PeerClient {
-        PeerClient { target, addr: node.raft_addr.clone(), client: None, lease: self.lease.clone() }
+        PeerClient {
+            target,
+            addr: node.raft_addr.clone(),
+            client: None,
+            lease: self.lease.clone(),
+        }
     }
 }
 
@@ -143,6 +148,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
         self.call(RpcKind::Vote, &rpc, &option).await
     }
+
+    /// Retry an unreachable peer soon: a node that is (re)starting must get
+    /// the leader's heartbeat before its own election timer fires, or it
+    /// campaigns needlessly.
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(100)))
+    }
 }
 
 // ------------------------------------------------------------------ server
@@ -158,7 +170,11 @@ impl RaftService {
     /// vote, because it has forgotten when it last heard from a leader whose
     /// lease may still run (see `lease`).
     pub fn new(raft: Raft, vote_quiet_period: Duration) -> Self {
-        RaftService { raft, started: Instant::now(), vote_quiet_period }
+        RaftService {
+            raft,
+            started: Instant::now(),
+            vote_quiet_period,
+        }
     }
 }
 
@@ -182,7 +198,9 @@ impl raft_server::Raft for RaftService {
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc: VoteRequest<NodeId> = decode(req.get_ref())?;
         if self.started.elapsed() < self.vote_quiet_period {
-            return Err(Status::unavailable("node restarted recently and does not vote until any old leader lease has run out"));
+            return Err(Status::unavailable(
+                "node restarted recently and does not vote until any old leader lease has run out",
+            ));
         }
         encode(&self.raft.vote(rpc).await)
     }

@@ -18,7 +18,9 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
-use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, RaftSnapshotBuilder, StorageIOError, Vote};
+use openraft::{
+    EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, RaftSnapshotBuilder, StorageIOError, Vote,
+};
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
@@ -54,7 +56,13 @@ fn ser<T: Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
 }
 
 fn de<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Result<T, StorageError> {
-    bincode::deserialize(b).map_err(read_err)
+    bincode::deserialize(b).map_err(|e| {
+        read_err(KvError(format!(
+            "cannot decode a stored {} ({} bytes): {e}",
+            std::any::type_name::<T>(),
+            b.len()
+        )))
+    })
 }
 
 fn idx_key(i: u64) -> [u8; 8] {
@@ -74,7 +82,8 @@ pub fn open_db(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
 
 fn cf<'a>(db: &'a DB, name: &str) -> &'a ColumnFamily {
     // The four families are created at open, so their absence is a bug.
-    db.cf_handle(name).unwrap_or_else(|| panic!("column family {name} missing"))
+    db.cf_handle(name)
+        .unwrap_or_else(|| panic!("column family {name} missing"))
 }
 
 fn sync_opts() -> WriteOptions {
@@ -123,7 +132,9 @@ impl LogStore {
 
     fn put_meta<T: Serialize>(&self, key: &[u8], v: &T, sync: bool) -> Result<(), StorageError> {
         let opts = if sync { sync_opts() } else { WriteOptions::default() };
-        self.db.put_cf_opt(cf(&self.db, CF_RAFT), key, ser(v)?, &opts).map_err(write_err)
+        self.db
+            .put_cf_opt(cf(&self.db, CF_RAFT), key, ser(v)?, &opts)
+            .map_err(write_err)
     }
 }
 
@@ -138,10 +149,17 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => 0,
         };
         let mut out = Vec::new();
-        let it = self.db.iterator_cf(cf(&self.db, CF_LOG), IteratorMode::From(&idx_key(start), Direction::Forward));
+        let it = self.db.iterator_cf(
+            cf(&self.db, CF_LOG),
+            IteratorMode::From(&idx_key(start), Direction::Forward),
+        );
         for item in it {
             let (k, v) = item.map_err(read_err)?;
-            let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| read_err(KvError("bad log key".into())))?);
+            let idx = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| read_err(KvError("bad log key".into())))?,
+            );
             if !range.contains(&idx) {
                 break;
             }
@@ -164,7 +182,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             None => last_purged,
         };
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -236,13 +257,17 @@ impl SmView {
 
 impl KvRead for SmView {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        self.db.get_cf(cf(&self.db, CF_SM), key).map_err(|e| KvError(e.to_string()))
+        self.db
+            .get_cf(cf(&self.db, CF_SM), key)
+            .map_err(|e| KvError(e.to_string()))
     }
 
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
         let start = after.unwrap_or(prefix);
         let mut out = Vec::new();
-        let it = self.db.iterator_cf(cf(&self.db, CF_SM), IteratorMode::From(start, Direction::Forward));
+        let it = self
+            .db
+            .iterator_cf(cf(&self.db, CF_SM), IteratorMode::From(start, Direction::Forward));
         for item in it {
             if out.len() >= limit {
                 break;
@@ -345,10 +370,20 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
             None => format!("empty-{}", data.len()),
         };
-        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
-        let file = SnapshotFile { meta: meta.clone(), data };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let file = SnapshotFile {
+            meta: meta.clone(),
+            data,
+        };
         write_snapshot_file(&self.snapshot_path, &file)?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(file.data)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(file.data)),
+        })
     }
 }
 
@@ -403,14 +438,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder { db: self.db.clone(), snapshot_path: self.snapshot_path.clone() }
+        SnapshotBuilder {
+            db: self.db.clone(),
+            snapshot_path: self.snapshot_path.clone(),
+        }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let rows: Vec<(Vec<u8>, Vec<u8>)> = de(&data)?;
         let sm = cf(&self.db, CF_SM);
@@ -426,7 +468,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.db.write_opt(batch, &sync_opts()).map_err(write_err)?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        write_snapshot_file(&self.snapshot_path, &SnapshotFile { meta: meta.clone(), data })?;
+        write_snapshot_file(
+            &self.snapshot_path,
+            &SnapshotFile {
+                meta: meta.clone(),
+                data,
+            },
+        )?;
         Ok(())
     }
 
@@ -437,6 +485,47 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Err(e) => return Err(read_err(e)),
         };
         let file: SnapshotFile = de(&bytes)?;
-        Ok(Some(Snapshot { meta: file.meta, snapshot: Box::new(Cursor::new(file.data)) }))
+        Ok(Some(Snapshot {
+            meta: file.meta,
+            snapshot: Box::new(Cursor::new(file.data)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload, LogId as RLogId};
+
+    #[test]
+    fn raft_types_round_trip_through_bincode() {
+        let id: LogId = RLogId::new(CommittedLeaderId::new(3, 1), 42);
+        let back: LogId = de(&ser(&id).unwrap()).unwrap();
+        assert_eq!(back, id);
+        let some: Option<LogId> = Some(id);
+        assert_eq!(de::<Option<LogId>>(&ser(&some).unwrap()).unwrap(), some);
+        let vote = Vote::<NodeId>::new_committed(3, 2);
+        assert_eq!(de::<Vote<NodeId>>(&ser(&vote).unwrap()).unwrap(), vote);
+        let e = Entry {
+            log_id: id,
+            payload: EntryPayload::Blank,
+        };
+        let back: Entry = de(&ser(&e).unwrap()).unwrap();
+        assert_eq!(back.log_id, id);
+        let m = StoredMembership::default();
+        let _: StoredMembership = de(&ser(&m).unwrap()).unwrap();
+        let nodes: std::collections::BTreeMap<u64, crate::raft_types::MetaNode> = (1..=3)
+            .map(|i| {
+                (
+                    i,
+                    crate::raft_types::MetaNode {
+                        raft_addr: format!("h:{i}"),
+                        rpc_addr: format!("h:{i}1"),
+                    },
+                )
+            })
+            .collect();
+        let m = StoredMembership::new(Some(id), openraft::Membership::from(nodes));
+        assert_eq!(de::<StoredMembership>(&ser(&m).unwrap()).unwrap(), m);
     }
 }

@@ -221,10 +221,20 @@ pub struct NamespaceRec {
 pub enum Reply {
     Ok,
     Attr(AttrRec),
-    Unlinked { ino: u64, orphaned: bool, attr: Option<AttrRec> },
-    Renamed { replaced_ino: u64, orphaned: bool },
+    Unlinked {
+        ino: u64,
+        orphaned: bool,
+        attr: Option<AttrRec>,
+    },
+    Renamed {
+        replaced_ino: u64,
+        orphaned: bool,
+    },
     Namespace(NamespaceRec),
-    BlockIds { first: u64, count: u32 },
+    BlockIds {
+        first: u64,
+        count: u32,
+    },
 }
 
 /// What applying one entry produced; stored per client session so a retry

@@ -36,7 +36,10 @@ pub struct MetaService {
 type Rpc<T> = Result<Response<T>, Status>;
 
 fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 fn ts(ns: i64) -> Option<rpc::Timespec> {
@@ -55,7 +58,10 @@ fn ns_err(e: NsError) -> Status {
 }
 
 fn not_leader(leader: Option<&MetaNode>) -> Status {
-    FsError::NotLeader { leader: leader.map(|n| n.rpc_addr.clone()) }.into()
+    FsError::NotLeader {
+        leader: leader.map(|n| n.rpc_addr.clone()),
+    }
+    .into()
 }
 
 fn hdr(h: &Option<rpc::ReqHeader>) -> (u64, u64, u64) {
@@ -125,7 +131,13 @@ impl MetaService {
 
     async fn propose(&self, h: &Option<rpc::ReqHeader>, op: Op) -> Result<Reply, Status> {
         let (client_id, seq, acked_below) = hdr(h);
-        let cmd = Command { client_id, seq, acked_below, now_ns: now_ns(), op };
+        let cmd = Command {
+            client_id,
+            seq,
+            acked_below,
+            now_ns: now_ns(),
+            op,
+        };
         match self.raft.client_write(cmd).await {
             Ok(resp) => resp.data.map_err(Status::from),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(not_leader(f.leader_node.as_ref())),
@@ -144,7 +156,9 @@ impl MetaService {
 
     fn attr_reply(&self, r: Reply) -> Rpc<rpc::AttrReply> {
         match r {
-            Reply::Attr(a) => Ok(Response::new(rpc::AttrReply { attr: Some(attr_to_rpc(&a, PREFERRED_IO)) })),
+            Reply::Attr(a) => Ok(Response::new(rpc::AttrReply {
+                attr: Some(attr_to_rpc(&a, PREFERRED_IO)),
+            })),
             other => Err(unexpected(other)),
         }
     }
@@ -175,7 +189,8 @@ impl MetaService {
             return false;
         }
         let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
-        self.lease.valid(self.node_id, m.current_term, &voters, self.lease_duration)
+        self.lease
+            .valid(self.node_id, m.current_term, &voters, self.lease_duration)
     }
 
     fn is_leader(&self) -> bool {
@@ -195,8 +210,16 @@ impl Meta for MetaService {
         let r = req.into_inner();
         let op = Op::CreateNamespace {
             name: r.name,
-            block_size: if r.block_size == 0 { self.cfg.block_size } else { r.block_size },
-            replication: if r.replication == 0 { self.cfg.replication } else { r.replication },
+            block_size: if r.block_size == 0 {
+                self.cfg.block_size
+            } else {
+                r.block_size
+            },
+            replication: if r.replication == 0 {
+                self.cfg.replication
+            } else {
+                r.replication
+            },
             if_not_exists: r.if_not_exists,
         };
         match self.propose(&r.hdr, op).await? {
@@ -217,7 +240,9 @@ impl Meta for MetaService {
     async fn list_namespaces(&self, _req: Request<rpc::ListNamespacesRequest>) -> Rpc<rpc::ListNamespacesReply> {
         self.linearizable().await?;
         let all = namespace::list_namespaces(&self.view).map_err(storage)?;
-        Ok(Response::new(rpc::ListNamespacesReply { namespaces: all.iter().map(ns_to_rpc).collect() }))
+        Ok(Response::new(rpc::ListNamespacesReply {
+            namespaces: all.iter().map(ns_to_rpc).collect(),
+        }))
     }
 
     async fn lookup(&self, req: Request<rpc::LookupRequest>) -> Rpc<rpc::AttrReply> {
@@ -269,28 +294,54 @@ impl Meta for MetaService {
 
     async fn symlink(&self, req: Request<rpc::SymlinkRequest>) -> Rpc<rpc::AttrReply> {
         let r = req.into_inner();
-        let op = Op::Symlink { ns: r.ns, parent: r.parent, name: r.name, target: r.target, uid: r.uid, gid: r.gid };
+        let op = Op::Symlink {
+            ns: r.ns,
+            parent: r.parent,
+            name: r.name,
+            target: r.target,
+            uid: r.uid,
+            gid: r.gid,
+        };
         let reply = self.propose(&r.hdr, op).await?;
         self.attr_reply(reply)
     }
 
     async fn link(&self, req: Request<rpc::LinkRequest>) -> Rpc<rpc::AttrReply> {
         let r = req.into_inner();
-        let op = Op::Link { ns: r.ns, ino: r.ino, new_parent: r.new_parent, new_name: r.new_name };
+        let op = Op::Link {
+            ns: r.ns,
+            ino: r.ino,
+            new_parent: r.new_parent,
+            new_name: r.new_name,
+        };
         let reply = self.propose(&r.hdr, op).await?;
         self.attr_reply(reply)
     }
 
     async fn unlink(&self, req: Request<rpc::UnlinkRequest>) -> Rpc<rpc::UnlinkReply> {
         let r = req.into_inner();
-        let op = Op::Unlink { ns: r.ns, parent: r.parent, name: r.name, keep_if_open: r.keep_if_open };
+        let op = Op::Unlink {
+            ns: r.ns,
+            parent: r.parent,
+            name: r.name,
+            keep_if_open: r.keep_if_open,
+        };
         let reply = self.propose(&r.hdr, op).await?;
         self.unlink_reply(reply)
     }
 
     async fn rmdir(&self, req: Request<rpc::RmdirRequest>) -> Rpc<rpc::UnlinkReply> {
         let r = req.into_inner();
-        let reply = self.propose(&r.hdr, Op::Rmdir { ns: r.ns, parent: r.parent, name: r.name }).await?;
+        let reply = self
+            .propose(
+                &r.hdr,
+                Op::Rmdir {
+                    ns: r.ns,
+                    parent: r.parent,
+                    name: r.name,
+                },
+            )
+            .await?;
         self.unlink_reply(reply)
     }
 
@@ -332,7 +383,10 @@ impl Meta for MetaService {
                 attr: attr.as_ref().map(|a| attr_to_rpc(a, PREFERRED_IO)),
             })
             .collect();
-        Ok(Response::new(rpc::ReadDirReply { entries, eof: listing.eof }))
+        Ok(Response::new(rpc::ReadDirReply {
+            entries,
+            eof: listing.eof,
+        }))
     }
 
     async fn read_link(&self, req: Request<rpc::ReadLinkRequest>) -> Rpc<rpc::ReadLinkReply> {
@@ -344,7 +398,13 @@ impl Meta for MetaService {
 
     async fn set_xattr(&self, req: Request<rpc::SetXattrRequest>) -> Rpc<rpc::AttrReply> {
         let r = req.into_inner();
-        let op = Op::SetXattr { ns: r.ns, ino: r.ino, name: r.name, value: r.value, flags: r.flags };
+        let op = Op::SetXattr {
+            ns: r.ns,
+            ino: r.ino,
+            name: r.name,
+            value: r.value,
+            flags: r.flags,
+        };
         let reply = self.propose(&r.hdr, op).await?;
         self.attr_reply(reply)
     }
@@ -365,7 +425,16 @@ impl Meta for MetaService {
 
     async fn remove_xattr(&self, req: Request<rpc::RemoveXattrRequest>) -> Rpc<rpc::AttrReply> {
         let r = req.into_inner();
-        let reply = self.propose(&r.hdr, Op::RemoveXattr { ns: r.ns, ino: r.ino, name: r.name }).await?;
+        let reply = self
+            .propose(
+                &r.hdr,
+                Op::RemoveXattr {
+                    ns: r.ns,
+                    ino: r.ino,
+                    name: r.name,
+                },
+            )
+            .await?;
         self.attr_reply(reply)
     }
 
@@ -417,7 +486,10 @@ impl Meta for MetaService {
             Reply::BlockIds { first, count } => {
                 let blocks = (0..count as u64)
                     .zip(placements)
-                    .map(|(i, replicas)| rpc::AllocatedBlock { block_id: first + i, replicas })
+                    .map(|(i, replicas)| rpc::AllocatedBlock {
+                        block_id: first + i,
+                        replicas,
+                    })
                     .collect();
                 Ok(Response::new(rpc::AllocateBlocksReply { blocks }))
             }
@@ -432,9 +504,17 @@ impl Meta for MetaService {
         let (attr, refs) = namespace::get_blocks(&self.view, r.ns, r.ino, r.first_index, count).map_err(ns_err)?;
         let blocks = refs
             .into_iter()
-            .map(|(index, b)| rpc::BlockRef { index, block_id: b.block_id, len: b.len, replicas: b.replicas })
+            .map(|(index, b)| rpc::BlockRef {
+                index,
+                block_id: b.block_id,
+                len: b.len,
+                replicas: b.replicas,
+            })
             .collect();
-        Ok(Response::new(rpc::GetBlocksReply { attr: Some(attr_to_rpc(&attr, PREFERRED_IO)), blocks }))
+        Ok(Response::new(rpc::GetBlocksReply {
+            attr: Some(attr_to_rpc(&attr, PREFERRED_IO)),
+            blocks,
+        }))
     }
 
     async fn commit_write(&self, req: Request<rpc::CommitWriteRequest>) -> Rpc<rpc::AttrReply> {
@@ -442,7 +522,16 @@ impl Meta for MetaService {
         let blocks = r
             .blocks
             .into_iter()
-            .map(|b| (b.index, BlockRec { block_id: b.block_id, len: b.len, replicas: b.replicas }))
+            .map(|b| {
+                (
+                    b.index,
+                    BlockRec {
+                        block_id: b.block_id,
+                        len: b.len,
+                        replicas: b.replicas,
+                    },
+                )
+            })
             .collect();
         let op = Op::CommitWrite {
             ns: r.ns,
@@ -490,10 +579,17 @@ impl Meta for MetaService {
             .take(1000)
             .collect();
         if !delete_blocks.is_empty() {
-            let op = Op::ForgetGarbage { replica: r.address, block_ids: delete_blocks.clone() };
+            let op = Op::ForgetGarbage {
+                replica: r.address,
+                block_ids: delete_blocks.clone(),
+            };
             self.propose(&None, op).await?;
         }
-        Ok(Response::new(rpc::HeartbeatReply { cluster_id, term, delete_blocks }))
+        Ok(Response::new(rpc::HeartbeatReply {
+            cluster_id,
+            term,
+            delete_blocks,
+        }))
     }
 
     async fn status(&self, _req: Request<rpc::StatusRequest>) -> Rpc<rpc::NodeStatus> {
@@ -514,7 +610,10 @@ impl Meta for MetaService {
         Ok(Response::new(rpc::NodeStatus {
             node_id: self.node_id,
             rpc_address: if me.rpc_addr.is_empty() {
-                self.cfg.peer(self.node_id).map(|p| p.rpc_addr.clone()).unwrap_or_default()
+                self.cfg
+                    .peer(self.node_id)
+                    .map(|p| p.rpc_addr.clone())
+                    .unwrap_or_default()
             } else {
                 me.rpc_addr
             },
@@ -529,7 +628,11 @@ impl Meta for MetaService {
             voters,
             learners,
             last_log_index: m.last_log_index.unwrap_or(0),
-            live_blockds: if role == "leader" { self.blockds.live().len() as u32 } else { 0 },
+            live_blockds: if role == "leader" {
+                self.blockds.live().len() as u32
+            } else {
+                0
+            },
         }))
     }
 }

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use jfs_client::mounts::{self, MountEntry};
 use jfs_common::config::Config;
 
 use crate::{admin, metastatus, CliError, CliResult};
@@ -292,57 +293,9 @@ fn spawn(layout: &Layout, daemon: &Daemon) -> CliResult<Child> {
 
 // ---------------------------------------------------------------- mounts
 
-/// One line of /proc/self/mountinfo, the parts we need.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MountEntry {
-    pub mount_point: PathBuf,
-    pub fstype: String,
-    pub source: String,
-}
-
-/// Undoes the octal escapes the kernel uses for space, tab, newline and backslash.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        // id parent major:minor root mount_point options [optional...] - fstype source super_options
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let left: Vec<&str> = left.split(' ').collect();
-        let right: Vec<&str> = right.split(' ').collect();
-        if left.len() < 5 || right.len() < 2 {
-            continue;
-        }
-        out.push(MountEntry {
-            mount_point: PathBuf::from(unescape_mountinfo(left[4])),
-            fstype: right[0].to_string(),
-            source: unescape_mountinfo(right[1]),
-        });
-    }
-    out
-}
-
 fn mount_at(mp: &Path) -> Option<MountEntry> {
-    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
     // The last entry wins: mounts stack.
-    parse_mountinfo(&text).into_iter().rev().find(|m| m.mount_point == mp)
+    mounts::at(mp).pop()
 }
 
 /// A FUSE mount whose daemon died answers every call with ENOTCONN.
@@ -833,20 +786,6 @@ mod tests {
         assert_eq!(cfg.peers[1].rpc_addr, "127.0.7.1:8111");
         assert_eq!(cfg.replication, 1);
         assert_eq!(cfg.metad_data_dir, Path::new("/tmp/state dir/metad"));
-    }
-
-    #[test]
-    fn mountinfo_parsing() {
-        let text = "\
-22 1 0:21 / /proc rw,nosuid - proc proc rw
-98 22 0:50 / /tmp/my\\040mnt rw,nosuid,nodev,relatime shared:1 - fuse.jfs default rw,user_id=0,group_id=0
-";
-        let m = parse_mountinfo(text);
-        assert_eq!(m.len(), 2);
-        assert_eq!(m[1].mount_point, Path::new("/tmp/my mnt"));
-        assert_eq!(m[1].fstype, "fuse.jfs");
-        assert_eq!(m[1].source, "default");
-        assert_eq!(unescape_mountinfo("a\\134b\\011"), "a\\b\t");
     }
 
     #[test]

@@ -43,6 +43,7 @@ mod blocks;
 mod file;
 pub mod layout;
 mod meta;
+pub mod mounts;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -277,7 +277,9 @@ impl KvRead for SmView {
             opts.set_iterate_upper_bound(upper);
         }
         let mut out = Vec::new();
-        let it = self.db.iterator_cf_opt(cf(&self.db, CF_SM), opts, IteratorMode::From(start, Direction::Forward));
+        let it = self
+            .db
+            .iterator_cf_opt(cf(&self.db, CF_SM), opts, IteratorMode::From(start, Direction::Forward));
         for item in it {
             if out.len() >= limit {
                 break;

@@ -138,42 +138,13 @@ fn daemon_main() -> i32 {
 
 // ------------------------------------------------------------------ helper side
 
-/// Undoes the octal escapes of /proc/self/mountinfo (`\040` = space).
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// FUSE mounts at `mp`: (major:minor) of each, in mount order.
 fn fuse_mounts_at(mp: &Path) -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let want = mp.to_string_lossy();
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let f: Vec<&str> = left.split(' ').collect();
-        let fstype = right.split(' ').next().unwrap_or("");
-        if f.len() >= 5 && fstype.starts_with("fuse") && unescape_mountinfo(f[4]) == want {
-            out.push(f[2].to_string());
-        }
-    }
-    out
+    jfs_client::mounts::at(mp)
+        .into_iter()
+        .filter(|m| m.fstype.starts_with("fuse"))
+        .map(|m| m.device)
+        .collect()
 }
 
 /// The path of our stderr when it is a regular file.
@@ -485,13 +456,6 @@ fn run_daemon(namespace: &str, mountpoint: &Path, conf: &Path, opts: &MountOpts)
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape_mountinfo("/mnt/a\\040b"), "/mnt/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
-        assert_eq!(unescape_mountinfo("/x\\134y"), "/x\\y");
-    }
 
     #[test]
     fn helper_accepts_what_mount8_passes() {

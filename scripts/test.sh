@@ -67,6 +67,9 @@ bash scripts/install.sh
 status=0
 echo "test.sh: unit tests"
 cargo test --release --workspace --exclude jfs-tests --no-fail-fast || status=1
+# The blockd crash test kills the real binary mid-write; it is opt-in for a
+# plain `cargo test` because it needs the built daemon.
+JFS_BLOCKD_BIN="$JFS_BIN_DIR/jfs-blockd" cargo test --release -p jfs-blockd -- --ignored kill9 || status=1
 
 echo "test.sh: integration tests"
 # Two tests at a time (each runs a 7-process cluster); the time limit keeps a

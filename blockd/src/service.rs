@@ -404,10 +404,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore]
     async fn kill9_leaves_only_whole_blocks() {
-        let Ok(bin) = std::env::var("JFS_BLOCKD_BIN") else {
-            eprintln!("JFS_BLOCKD_BIN not set; skipping");
-            return;
-        };
+        let bin =
+            std::env::var("JFS_BLOCKD_BIN").expect("set JFS_BLOCKD_BIN to the built jfs-blockd (scripts/test.sh does)");
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("jfs.toml");
         std::fs::write(&conf, "jfs.namespace.server.rpc-address = \"127.0.0.1:1\"\n").unwrap();

@@ -72,6 +72,28 @@ fn raft_config(cfg: &Config) -> anyhow::Result<openraft::Config> {
     c.validate().map_err(|e| anyhow!("invalid raft timing settings: {e}"))
 }
 
+/// True when another configured node answers that it already belongs to an
+/// initialised cluster.
+async fn existing_cluster(cfg: &Config, me: u64) -> bool {
+    use jfs_common::rpc::{meta_client::MetaClient, StatusRequest};
+    for p in cfg.peers.iter().filter(|p| p.id != me) {
+        let Ok(ep) = tonic::transport::Endpoint::from_shared(format!("http://{}", p.rpc_addr)) else {
+            continue;
+        };
+        let ep = ep
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(1));
+        let Ok(ch) = ep.connect().await else { continue };
+        if let Ok(st) = MetaClient::new(ch).status(StatusRequest {}).await {
+            let st = st.into_inner();
+            if st.applied_index > 0 || !st.cluster_id.is_empty() {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// Once this node leads, make sure the cluster has an id (first leader of a
 /// new cluster creates it; later leaders find it already there).
 async fn ensure_cluster_id(raft: Raft, view: raft_store::SmView, node_id: u64) {
@@ -164,7 +186,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map_err(|e| anyhow!("cannot start raft: {e}"))?;
 
     let fresh = !raft.is_initialized().await.map_err(|e| anyhow!("{e}"))?;
-    if fresh {
+    if fresh && existing_cluster(&cfg, me.id).await {
+        // An empty node whose peers already run a cluster (a replaced or
+        // wiped node): writing the initial membership here would give it a
+        // log that starts apart from the leader's; let the leader bring it
+        // up to date (by snapshot) instead.
+        tracing::info!("peers already run a cluster; joining it with an empty log");
+    } else if fresh {
         let members: BTreeMap<u64, MetaNode> = cfg
             .peers
             .iter()

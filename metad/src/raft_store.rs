@@ -167,6 +167,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
             if !range.contains(&idx) {
                 break;
             }
+            if out.is_empty() && idx != start && matches!(range.start_bound(), Bound::Included(_) | Bound::Excluded(_))
+            {
+                // The head of the range is purged. Handing back a later
+                // entry would let the caller ship a log with a hole in it
+                // (which a follower then trips over); return nothing, so
+                // replication falls back instead of corrupting a log.
+                tracing::warn!(start, first_present = idx, "log entries requested from a purged range");
+                return Ok(Vec::new());
+            }
             out.push(de::<Entry>(&v)?);
         }
         Ok(out)

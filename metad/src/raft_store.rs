@@ -173,12 +173,29 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 // entry would let the caller ship a log with a hole in it
                 // (which a follower then trips over); return nothing, so
                 // replication falls back instead of corrupting a log.
-                tracing::warn!(start, first_present = idx, "log entries requested from a purged range");
+                warn_purged_range(start, idx);
                 return Ok(Vec::new());
             }
             out.push(de::<Entry>(&v)?);
         }
         Ok(out)
+    }
+}
+
+/// Logs a request for purged entries at most once a minute (openraft
+/// retries such a request every 10 ms).
+fn warn_purged_range(start: u64, first_present: u64) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if now.saturating_sub(LAST.swap(now, Ordering::Relaxed)) >= 60 {
+        tracing::warn!(
+            start,
+            first_present,
+            "a follower needs log entries this node has purged; it cannot catch up by log replication              (known issue: restart this node to make it send a snapshot)"
+        );
     }
 }
 

@@ -68,7 +68,7 @@ pub const XATTR_CREATE: u32 = 1;
 pub const XATTR_REPLACE: u32 = 2;
 
 /// Longest file name jfs accepts, in bytes.
-pub const NAME_MAX: usize = 255;
+pub use jfs_common::names::{check_name, NAME_MAX};
 
 /// A time to set with [`Client::setattr`].
 #[derive(Debug, Clone, PartialEq)]
@@ -723,20 +723,6 @@ pub(crate) fn attr_of(a: Option<Attr>) -> FsResult<Attr> {
     a.ok_or_else(|| FsError::Internal("metad reply carries no attributes".into()))
 }
 
-/// Validates one name component: not empty, no `/` or NUL, at most 255 bytes.
-pub fn check_name(name: &[u8]) -> FsResult<()> {
-    if name.len() > NAME_MAX {
-        return Err(FsError::NameTooLong);
-    }
-    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
-        return Err(FsError::InvalidArgument(format!(
-            "{:?} is not a valid file name",
-            String::from_utf8_lossy(name)
-        )));
-    }
-    Ok(())
-}
-
 /// `/a//b/` → ["a", "b"]; `.` components are skipped, `..` is refused
 /// (paths are resolved on the server side without a parent walk).
 fn split_path(path: &str) -> FsResult<Vec<&str>> {
@@ -779,14 +765,5 @@ mod tests {
         assert_eq!(split_path("").unwrap(), Vec::<&str>::new());
         assert_eq!(split_path("/a//b/./c/").unwrap(), vec!["a", "b", "c"]);
         assert!(split_path("/a/../b").is_err());
-    }
-
-    #[test]
-    fn names_checked() {
-        assert!(check_name(b"ok").is_ok());
-        assert_eq!(check_name(&[b'x'; 256]), Err(FsError::NameTooLong));
-        assert!(check_name(&[b'x'; 255]).is_ok());
-        assert!(matches!(check_name(b"a/b"), Err(FsError::InvalidArgument(_))));
-        assert!(matches!(check_name(b""), Err(FsError::InvalidArgument(_))));
     }
 }

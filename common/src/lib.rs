@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod error;
+pub mod names;
 
 /// Generated from `proto/jfs.proto`.
 pub mod rpc {

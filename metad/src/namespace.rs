@@ -20,7 +20,7 @@ use crate::kv::{KvError, KvRead, Txn};
 use crate::raft_types::{ApplyResult, AttrRec, BlockRec, Command, NamespaceRec, Op, Reply, TimeSet};
 
 pub const ROOT_INO: u64 = 1;
-pub const MAX_NAME_LEN: usize = 255;
+pub const MAX_NAME_LEN: usize = jfs_common::names::NAME_MAX;
 pub const MAX_SYMLINK_LEN: usize = 4096;
 pub const MAX_XATTR_NAME_LEN: usize = 255;
 pub const MAX_XATTR_VALUE_LEN: usize = 64 * 1024;
@@ -138,16 +138,9 @@ fn txn_add(t: &mut Txn<'_, impl KvRead + ?Sized>, key: Vec<u8>, delta: i64) -> R
     Ok(())
 }
 
+/// The shared name rules, plus: "." and ".." are never names of entries.
 pub fn check_name(name: &[u8]) -> Result<(), FsError> {
-    if name.is_empty() {
-        return Err(FsError::InvalidArgument("empty file name".into()));
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(FsError::NameTooLong);
-    }
-    if name.contains(&b'/') || name.contains(&0) {
-        return Err(FsError::InvalidArgument("file name contains '/' or NUL".into()));
-    }
+    jfs_common::names::check_name(name)?;
     if name == b"." || name == b".." {
         return Err(FsError::InvalidArgument(
             "\".\" and \"..\" cannot be used as names".into(),

@@ -13,6 +13,7 @@
 //!
 //! Everything here blocks on the disk; async callers go through [`run_blocking`].
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Display;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -20,7 +21,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use jfs_common::{FsError, FsResult};
 use tracing::{debug, info, warn};
@@ -60,6 +61,20 @@ pub struct BlockStore {
     count: AtomicU64,
     tmp_seq: AtomicU64,
     locks: Vec<RwLock<()>>,
+    /// Recently read blocks, open: a small random read then costs one
+    /// pread instead of reading the checksum file and opening the block
+    /// again. Every read is still verified against the checksums.
+    readers: Mutex<ReaderCache>,
+}
+
+/// Open blocks kept by [`BlockStore::reader`].
+const OPEN_READERS: usize = 256;
+
+#[derive(Default)]
+struct ReaderCache {
+    map: HashMap<u64, Arc<BlockReader>>,
+    /// Oldest first (may hold ids already evicted or invalidated).
+    order: VecDeque<u64>,
 }
 
 /// Maps a failed disk operation to the error the client sees. A full disk is its own error so
@@ -211,6 +226,7 @@ impl BlockStore {
             count: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
             locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
+            readers: Mutex::new(ReaderCache::default()),
         };
         store.clear_tmp()?;
         let mut count = 0u64;
@@ -338,6 +354,7 @@ impl BlockStore {
                 "block {id}: total_len {total_len} exceeds the largest block size {MAX_BLOCK_LEN}"
             )));
         }
+        self.forget_reader(id);
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let base = format!("{}.{seq}", block_name(id));
         let tmp_blk = self.tmp_dir.join(format!("{base}.blk"));
@@ -428,8 +445,42 @@ impl BlockStore {
         corrupt_error(&self.root, id, what)
     }
 
+    /// Block `id` opened for verified reads, from the cache of open blocks.
+    pub fn reader(&self, id: u64) -> FsResult<Arc<BlockReader>> {
+        if let Some(r) = self.cached_readers().map.get(&id) {
+            return Ok(Arc::clone(r));
+        }
+        let r = Arc::new(self.open_block(id)?);
+        let mut c = self.cached_readers();
+        if c.map.insert(id, Arc::clone(&r)).is_none() {
+            c.order.push_back(id);
+        }
+        while c.map.len() > OPEN_READERS {
+            match c.order.pop_front() {
+                Some(old) => {
+                    c.map.remove(&old);
+                }
+                None => break,
+            }
+        }
+        if c.order.len() > 4 * OPEN_READERS {
+            let live: Vec<u64> = c.order.iter().copied().filter(|i| c.map.contains_key(i)).collect();
+            c.order = live.into();
+        }
+        Ok(r)
+    }
+
+    fn cached_readers(&self) -> std::sync::MutexGuard<'_, ReaderCache> {
+        self.readers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn forget_reader(&self, id: u64) {
+        self.cached_readers().map.remove(&id);
+    }
+
     /// Removes block `id`. Returns whether it existed.
     pub fn delete(&self, id: u64) -> FsResult<bool> {
+        self.forget_reader(id);
         let crc_path = self.crc_path(id);
         let blk_path = self.blk_path(id);
         let _g = self.write_lock(id);
@@ -447,6 +498,8 @@ impl BlockStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_error(format!("cannot remove {}", blk_path.display()), e)),
         }
+        // A read that opened the block just before the removal may have cached it.
+        self.forget_reader(id);
         // No directory fsync: a delete lost in a power cut brings back an unreferenced block,
         // which metad deletes again; a sync per delete would cost more than that.
         Ok(existed)

@@ -21,6 +21,8 @@ use crate::block_store::{run_blocking, BlockReader, BlockStore, PendingBlock, MA
 
 /// Largest piece of a read stream.
 pub const READ_PIECE: u64 = 1 << 20;
+/// ReadRange calls up to this size run on the async worker itself.
+const INLINE_READ: u64 = 128 << 10;
 /// HTTP/2 flow-control windows: the 64 KiB default caps one stream at a few hundred MiB/s even
 /// on loopback; a block-sized window lets a whole block be in flight.
 const STREAM_WINDOW: u32 = 8 << 20;
@@ -179,6 +181,25 @@ impl Block for BlockService {
     }
 
     type ReadBlockStream = ReceiverStream<Result<ReadBlockChunk, Status>>;
+
+    async fn read_range(&self, request: Request<ReadBlockRequest>) -> Result<Response<ReadBlockChunk>, Status> {
+        let ReadBlockRequest { block_id, offset, len } = request.into_inner();
+        if len > READ_PIECE {
+            return Err(invalid(format!(
+                "ReadRange of {len} bytes: at most {READ_PIECE} per call (use ReadBlock to stream more)"
+            )));
+        }
+        let store = Arc::clone(&self.store);
+        let data = if len <= INLINE_READ {
+            // A small read is one pread, nearly always from the page cache,
+            // and a checksum: cheaper done here than the two thread
+            // handoffs of the blocking pool.
+            store.reader(block_id)?.read(offset, len)?
+        } else {
+            run_blocking(move || store.reader(block_id)?.read(offset, len)).await?
+        };
+        Ok(Response::new(ReadBlockChunk { data }))
+    }
 
     async fn read_block(&self, request: Request<ReadBlockRequest>) -> Result<Response<Self::ReadBlockStream>, Status> {
         let ReadBlockRequest { block_id, offset, len } = request.into_inner();

@@ -107,6 +107,7 @@ impl JfsUri {
 #[derive(Debug)]
 pub enum FsOp {
     Count(JfsUri),
+    Chunks(JfsUri),
     Ls { long: bool, uri: JfsUri },
     Cat(JfsUri),
     Put { force: bool, local: PathBuf, uri: JfsUri },
@@ -119,6 +120,7 @@ impl FsOp {
     pub fn from_cli(cmd: FsCommand) -> CliResult<FsOp> {
         Ok(match cmd {
             FsCommand::Count { uri } => FsOp::Count(JfsUri::parse(&uri)?),
+            FsCommand::Chunks { uri } => FsOp::Chunks(JfsUri::parse(&uri)?),
             FsCommand::Ls { long, uri } => FsOp::Ls {
                 long,
                 uri: JfsUri::parse(&uri)?,
@@ -147,7 +149,7 @@ impl FsOp {
 
     fn uri(&self) -> &JfsUri {
         match self {
-            FsOp::Count(u) | FsOp::Cat(u) => u,
+            FsOp::Count(u) | FsOp::Cat(u) | FsOp::Chunks(u) => u,
             FsOp::Ls { uri, .. }
             | FsOp::Put { uri, .. }
             | FsOp::Get { uri, .. }
@@ -166,6 +168,7 @@ pub async fn run(cfg: &Config, op: FsOp) -> CliResult<()> {
     let client = Client::connect(cfg, &op.uri().namespace).await?;
     match op {
         FsOp::Count(uri) => count(&client, &uri).await,
+        FsOp::Chunks(uri) => chunks(&client, &uri).await,
         FsOp::Ls { long, uri } => ls(&client, &uri, long).await,
         FsOp::Cat(uri) => cat(&client, &uri).await,
         FsOp::Put { force, local, uri } => put(&client, &local, &uri, force).await,
@@ -177,6 +180,22 @@ pub async fn run(cfg: &Config, op: FsOp) -> CliResult<()> {
 
 fn is_dir(a: &Attr) -> bool {
     a.mode & S_IFMT == S_IFDIR
+}
+
+// ---------------------------------------------------------------- chunks
+
+async fn chunks(client: &Client, uri: &JfsUri) -> CliResult<()> {
+    let attr = client.resolve(&uri.path).await.map_err(at(uri))?;
+    if is_dir(&attr) {
+        return Err(CliError::FsAt(FsError::IsDirectory, uri.to_string()));
+    }
+    let stats = client.chunk_stats(attr.ino).await.map_err(at(uri))?;
+    let mut out = String::from("CHUNK SLICES\n");
+    for (index, slices) in stats {
+        out.push_str(&format!("{index} {slices}\n"));
+    }
+    print!("{out}");
+    Ok(())
 }
 
 // ---------------------------------------------------------------- count

@@ -132,6 +132,14 @@ enum FsCommand {
         #[arg(value_name = "URI")]
         uri: String,
     },
+    /// Print how fragmented a file is: one line per chunk that holds data,
+    /// CHUNK (index: offset / block size) and SLICES (the writes it is made
+    /// of; background compaction keeps this small).
+    Chunks {
+        /// File to inspect, e.g. jfs://default/dir/file
+        #[arg(value_name = "URI")]
+        uri: String,
+    },
     /// List a directory (or show one file).
     Ls {
         /// Long format: mode, links, owner, group, size, modification time (UTC), name.

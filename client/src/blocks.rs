@@ -19,6 +19,9 @@ use crate::lock;
 /// Size of the data in one WriteBlock stream message.
 const CHUNK: usize = 1 << 20;
 
+/// Reads up to this size use one unary ReadRange call instead of a stream.
+const RANGE_READ_MAX: u64 = 1 << 20;
+
 /// Bytes of whole blocks kept for readahead and re-reads.
 const CACHE_BYTES: usize = 96 << 20;
 /// Entries kept even when blocks are large.
@@ -169,7 +172,14 @@ impl BlockPool {
             match self.read_one(addr, block_id, offset, len).await {
                 Ok(v) => return Ok(v),
                 Err(e) => {
-                    tracing::warn!(%addr, block_id, error = %e, "block read failed; trying the next replica");
+                    if e == FsError::NotFound {
+                        // Usually a map older than a compaction or truncate
+                        // whose freed blocks were collected: the caller
+                        // fetches the map again.
+                        tracing::debug!(%addr, block_id, "block not on this replica");
+                    } else {
+                        tracing::warn!(%addr, block_id, error = %e, "block read failed; trying the next replica");
+                    }
                     errors.push(format!("{addr}: {e}"));
                 }
             }
@@ -186,6 +196,10 @@ impl BlockPool {
     async fn read_one(&self, addr: &str, block_id: u64, offset: u64, len: u64) -> FsResult<Vec<u8>> {
         let mut client = block_stub(self.channel(addr)?);
         let fut = async {
+            if len <= RANGE_READ_MAX {
+                let req = ReadBlockRequest { block_id, offset, len };
+                return Ok(client.read_range(req).await?.into_inner().data);
+            }
             let mut stream = client
                 .read_block(ReadBlockRequest { block_id, offset, len })
                 .await?

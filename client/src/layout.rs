@@ -1,32 +1,33 @@
-//! Pure block arithmetic and write-buffer logic, kept free of IO so it can
-//! be unit-tested: how a byte range splits into blocks, which parts of a
-//! block a writer has covered, and how new bytes are patched over an old
-//! block's content.
+//! Pure chunk arithmetic and write-buffer logic, free of IO so it can be
+//! unit-tested: how a byte range splits into chunks, the unflushed bytes of
+//! one chunk, and how dirty extents are packed into blocks for upload.
 
-/// One piece of a byte range that falls inside a single block.
+use std::collections::BTreeMap;
+
+/// One piece of a byte range that falls inside a single chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
-    /// Block index in the file (byte offset / block size).
+    /// Chunk index in the file (byte offset / chunk size).
     pub index: u64,
-    /// Offset of the piece inside the block.
+    /// Offset of the piece inside the chunk.
     pub offset: usize,
     /// Offset of the piece inside the caller's buffer.
     pub buf_pos: usize,
     pub len: usize,
 }
 
-/// Splits `[offset, offset + len)` into per-block pieces.
-pub fn pieces(offset: u64, len: usize, block_size: u64) -> Vec<Piece> {
+/// Splits `[offset, offset + len)` into per-chunk pieces.
+pub fn pieces(offset: u64, len: usize, chunk_size: u64) -> Vec<Piece> {
     let mut out = Vec::new();
     let mut pos = 0usize;
     while pos < len {
         let abs = offset + pos as u64;
-        let index = abs / block_size;
-        let in_block = (abs % block_size) as usize;
-        let n = (block_size as usize - in_block).min(len - pos);
+        let index = abs / chunk_size;
+        let in_chunk = (abs % chunk_size) as usize;
+        let n = (chunk_size as usize - in_chunk).min(len - pos);
         out.push(Piece {
             index,
-            offset: in_block,
+            offset: in_chunk,
             buf_pos: pos,
             len: n,
         });
@@ -35,193 +36,272 @@ pub fn pieces(offset: u64, len: usize, block_size: u64) -> Vec<Piece> {
     out
 }
 
-/// Number of bytes of block `index` that lie inside a file of `size` bytes.
-pub fn bytes_in_block(size: u64, index: u64, block_size: u64) -> u64 {
-    let start = index.saturating_mul(block_size);
-    size.saturating_sub(start).min(block_size)
+/// The unflushed bytes of one chunk: disjoint, non-touching extents
+/// (position → bytes). Only what was written is kept: a write never needs
+/// the chunk's older content.
+#[derive(Debug, Clone, Default)]
+pub struct DirtyChunk {
+    extents: BTreeMap<u32, Vec<u8>>,
+    bytes: u64,
 }
 
-/// A set of disjoint, sorted, non-adjacent byte ranges `[start, end)`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RangeSet {
-    ranges: Vec<(usize, usize)>,
-}
-
-impl RangeSet {
-    pub fn insert(&mut self, start: usize, end: usize) {
-        if start >= end {
-            return;
+impl DirtyChunk {
+    /// Writes `data` at `pos`; returns how many bytes the chunk's dirty
+    /// total grew by. `spare` is a buffer to reuse for a new extent.
+    pub fn write(&mut self, pos: u32, data: &[u8], spare: impl FnOnce() -> Option<Vec<u8>>) -> u64 {
+        if data.is_empty() {
+            return 0;
         }
-        let (mut s, mut e) = (start, end);
-        // Keep ranges that neither overlap nor touch; absorb the rest.
-        let mut kept = Vec::with_capacity(self.ranges.len() + 1);
-        for &(a, b) in &self.ranges {
-            if b < s || a > e {
-                kept.push((a, b));
-            } else {
-                s = s.min(a);
-                e = e.max(b);
+        let end = pos + data.len() as u32;
+        let before = self.bytes;
+        // Fast path: appending to the extent that ends exactly here (a
+        // sequential writer) or overwriting inside one extent.
+        let prev = self
+            .extents
+            .range(..=pos)
+            .next_back()
+            .map(|(&s, b)| (s, s + b.len() as u32));
+        if let Some((s, e)) = prev {
+            let touches_next = self.next_start_after(s).is_some_and(|n| n <= end);
+            let Some(buf) = self.extents.get_mut(&s).filter(|_| pos <= e && !touches_next) else {
+                return self.write_merging(pos, data, spare, before);
+            };
+            {
+                let off = (pos - s) as usize;
+                let overlap = (e - pos).min(data.len() as u32) as usize;
+                buf[off..off + overlap].copy_from_slice(&data[..overlap]);
+                buf.extend_from_slice(&data[overlap..]);
+                self.bytes += (data.len() - overlap) as u64;
+                return self.bytes - before;
             }
         }
-        kept.push((s, e));
-        kept.sort_unstable();
-        self.ranges = kept;
+        self.write_merging(pos, data, spare, before)
     }
 
-    /// True when every byte of `[start, end)` is in the set.
-    pub fn covers(&self, start: usize, end: usize) -> bool {
-        if start >= end {
-            return true;
+    /// General case of [`DirtyChunk::write`]: merges every extent that
+    /// overlaps or touches the new bytes into one.
+    fn write_merging(&mut self, pos: u32, data: &[u8], spare: impl FnOnce() -> Option<Vec<u8>>, before: u64) -> u64 {
+        let end = pos + data.len() as u32;
+        let mut start = pos;
+        let mut stop = end;
+        let touching: Vec<u32> = self
+            .extents
+            .range(..=end)
+            .filter(|(&s, b)| s + b.len() as u32 >= pos)
+            .map(|(&s, _)| s)
+            .collect();
+        for &s in &touching {
+            let len = self.extents[&s].len() as u32;
+            start = start.min(s);
+            stop = stop.max(s + len);
         }
-        self.ranges.iter().any(|&(a, b)| a <= start && end <= b)
-    }
-
-    /// Drops everything at or beyond `len`.
-    pub fn truncate(&mut self, len: usize) {
-        self.ranges.retain(|&(a, _)| a < len);
-        if let Some(last) = self.ranges.last_mut() {
-            last.1 = last.1.min(len);
+        let mut merged = if touching.is_empty() && pos == start {
+            spare().map(|mut b| {
+                b.clear();
+                b
+            })
+        } else {
+            None
         }
+        .unwrap_or_default();
+        merged.resize((stop - start) as usize, 0);
+        for s in touching {
+            if let Some(old) = self.extents.remove(&s) {
+                self.bytes -= old.len() as u64;
+                let at = (s - start) as usize;
+                merged[at..at + old.len()].copy_from_slice(&old);
+            }
+        }
+        let at = (pos - start) as usize;
+        merged[at..at + data.len()].copy_from_slice(data);
+        self.bytes += merged.len() as u64;
+        self.extents.insert(start, merged);
+        self.bytes - before
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        self.ranges.iter().copied()
+    fn next_start_after(&self, s: u32) -> Option<u32> {
+        self.extents.range(s + 1..).next().map(|(&k, _)| k)
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn extent_count(&self) -> usize {
+        self.extents.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ranges.is_empty()
+        self.extents.is_empty()
+    }
+
+    /// Every byte of a chunk of `chunk_size` is here, in one extent.
+    pub fn is_full(&self, chunk_size: u64) -> bool {
+        self.extents.len() == 1 && self.extents.get(&0).is_some_and(|b| b.len() as u64 == chunk_size)
+    }
+
+    /// True when every byte of `[start, end)` is dirty.
+    pub fn covers(&self, start: u32, end: u32) -> bool {
+        if start >= end {
+            return true;
+        }
+        match self.extents.range(..=start).next_back() {
+            Some((&s, b)) => s + b.len() as u32 >= end,
+            None => false,
+        }
+    }
+
+    /// Copies the dirty bytes that fall in `[pos, pos + out.len())` into
+    /// `out` (others are left as they are).
+    pub fn overlay(&self, pos: u32, out: &mut [u8]) {
+        let end = pos + out.len() as u32;
+        let first = self.extents.range(..=pos).next_back().map_or(pos, |(&s, _)| s);
+        for (&s, b) in self.extents.range(first..end) {
+            let e = s + b.len() as u32;
+            let a = s.max(pos);
+            let z = e.min(end);
+            if a < z {
+                out[(a - pos) as usize..(z - pos) as usize].copy_from_slice(&b[(a - s) as usize..(z - s) as usize]);
+            }
+        }
+    }
+
+    /// The dirty extents within `[pos, end)`, as copies (for a reader that
+    /// must let go of the lock before it overlays them).
+    pub fn copy_range(&self, pos: u32, end: u32) -> Vec<(u32, Vec<u8>)> {
+        let first = self.extents.range(..=pos).next_back().map_or(pos, |(&s, _)| s);
+        let mut out = Vec::new();
+        for (&s, b) in self.extents.range(first..end) {
+            let e = s + b.len() as u32;
+            let a = s.max(pos);
+            let z = e.min(end);
+            if a < z {
+                out.push((a, b[(a - s) as usize..(z - s) as usize].to_vec()));
+            }
+        }
+        out
+    }
+
+    /// Drops every byte at or past `len` (a truncate inside this chunk).
+    pub fn truncate(&mut self, len: u32) {
+        let keys: Vec<u32> = self.extents.keys().copied().collect();
+        for s in keys {
+            if s >= len {
+                if let Some(b) = self.extents.remove(&s) {
+                    self.bytes -= b.len() as u64;
+                }
+            } else if let Some(b) = self.extents.get_mut(&s) {
+                let keep = (len - s) as usize;
+                if b.len() > keep {
+                    self.bytes -= (b.len() - keep) as u64;
+                    b.truncate(keep);
+                }
+            }
+        }
+    }
+
+    pub fn into_extents(self) -> BTreeMap<u32, Vec<u8>> {
+        self.extents
     }
 }
 
-/// The unflushed content of one block of an open file.
-///
-/// `buf` holds the bytes written so far at their block offsets (zeros in the
-/// gaps); `written` says which of them were written. When the block replaces
-/// an existing one (`base_len > 0` and the base not yet merged), the bytes of
-/// the old block outside `written` still have to be read and merged before
-/// the block can be read from here or uploaded.
-#[derive(Debug, Clone, Default)]
-pub struct DirtyBlock {
-    pub buf: Vec<u8>,
-    pub written: RangeSet,
-    /// Length of the old block's content that still has to be merged under
-    /// the written bytes; 0 once merged or when there was no old block.
-    pub base_len: usize,
+/// A piece of a packed upload: `len` bytes of chunk `chunk` at `pos` are
+/// stored in buffer `buf` at `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    pub chunk: u64,
+    pub pos: u32,
+    pub len: u32,
+    pub buf: usize,
+    pub off: u32,
 }
 
-impl DirtyBlock {
-    /// A buffer for a block that had `base_len` bytes of old content.
-    pub fn new(base_len: usize, capacity_hint: usize) -> DirtyBlock {
-        DirtyBlock {
-            buf: Vec::with_capacity(capacity_hint),
-            written: RangeSet::default(),
-            base_len,
+/// Packs dirty extents (in chunk, position order) into buffers of at most
+/// `max_block` bytes each: many small writes become one block, so the cost
+/// of a flush follows the bytes written, not the number of writes. An
+/// extent that does not fit the current buffer is split.
+pub fn pack(extents: Vec<(u64, u32, Vec<u8>)>, max_block: usize) -> (Vec<Vec<u8>>, Vec<Part>) {
+    let mut bufs: Vec<Vec<u8>> = Vec::new();
+    let mut parts = Vec::new();
+    for (chunk, pos, data) in extents {
+        // A whole buffer's worth starting empty: hand the vector over as is.
+        if data.len() == max_block && bufs.last().is_none_or(|b| !b.is_empty()) {
+            parts.push(Part {
+                chunk,
+                pos,
+                len: data.len() as u32,
+                buf: bufs.len(),
+                off: 0,
+            });
+            bufs.push(data);
+            continue;
+        }
+        let mut done = 0usize;
+        while done < data.len() {
+            if bufs.last().is_none_or(|b| b.len() >= max_block) {
+                bufs.push(Vec::with_capacity(max_block.min(data.len() - done)));
+            }
+            let i = bufs.len() - 1;
+            let b = &mut bufs[i];
+            let n = (max_block - b.len()).min(data.len() - done);
+            parts.push(Part {
+                chunk,
+                pos: pos + done as u32,
+                len: n as u32,
+                buf: i,
+                off: b.len() as u32,
+            });
+            b.extend_from_slice(&data[done..done + n]);
+            done += n;
         }
     }
+    (bufs, parts)
+}
 
-    /// Like [`DirtyBlock::new`], reusing an old buffer (and its memory).
-    pub fn with_buffer(base_len: usize, mut buf: Vec<u8>) -> DirtyBlock {
-        buf.clear();
-        DirtyBlock {
-            buf,
-            written: RangeSet::default(),
-            base_len,
+/// `lseek(SEEK_DATA)` (`data`) or `SEEK_HOLE` from `offset` in a file of
+/// `size` bytes whose data lies in `ranges` (sorted, merged); `None` is
+/// ENXIO. Data ranges are rounded out to whole 4 KiB blocks first, as a
+/// local filesystem reports them, so answers match ext4's.
+pub fn seek_data_hole(ranges: &[(u64, u64)], offset: u64, size: u64, data: bool) -> Option<u64> {
+    const GRAIN: u64 = 4096;
+    if offset >= size {
+        return None;
+    }
+    let mut rounded: Vec<(u64, u64)> = Vec::new();
+    for &(a, b) in ranges {
+        let (a, b) = (a / GRAIN * GRAIN, b.div_ceil(GRAIN).saturating_mul(GRAIN).min(size));
+        match rounded.last_mut() {
+            Some(l) if l.1 >= a => l.1 = l.1.max(b),
+            _ => rounded.push((a, b)),
         }
     }
-
-    /// A buffer that starts as a copy of known content (nothing to merge).
-    pub fn from_content(content: &[u8]) -> DirtyBlock {
-        let mut written = RangeSet::default();
-        written.insert(0, content.len());
-        DirtyBlock {
-            buf: content.to_vec(),
-            written,
-            base_len: 0,
+    if data {
+        return rounded.iter().find(|r| r.1 > offset).map(|r| r.0.max(offset));
+    }
+    let mut cur = offset;
+    for (a, b) in rounded {
+        if b <= cur {
+            continue;
         }
-    }
-
-    pub fn write(&mut self, offset: usize, data: &[u8]) {
-        let end = offset + data.len();
-        if self.buf.len() < end {
-            self.buf.resize(end, 0);
+        if a > cur {
+            return Some(cur);
         }
-        self.buf[offset..end].copy_from_slice(data);
-        self.written.insert(offset, end);
-        if self.base_len > 0 && self.written.covers(0, self.base_len) {
-            // Every old byte is overwritten: no need to ever read it.
-            self.base_len = 0;
-        }
+        cur = b;
     }
-
-    /// Every byte of the block has been written: ready to upload as is.
-    pub fn is_full(&self, block_size: usize) -> bool {
-        self.written.covers(0, block_size)
-    }
-
-    /// The old content must be read before `[start, end)` can be served.
-    pub fn needs_base_for(&self, start: usize, end: usize) -> bool {
-        self.base_len > 0 && !self.written.covers(start, end.min(self.base_len))
-    }
-
-    pub fn needs_base(&self) -> bool {
-        self.base_len > 0
-    }
-
-    /// Lays the written bytes over the old block's content `base` (which may
-    /// be shorter or longer than `base_len`; only `base_len` bytes count).
-    pub fn merge_base(&mut self, base: &[u8]) {
-        let base = &base[..base.len().min(self.base_len)];
-        let mut merged = Vec::with_capacity(self.buf.capacity().max(base.len()));
-        merged.extend_from_slice(base);
-        // A short base (should not happen) reads as zeros up to base_len.
-        merged.resize(self.base_len.max(self.buf.len()), 0);
-        for (a, b) in self.written.iter() {
-            merged[a..b].copy_from_slice(&self.buf[a..b]);
-        }
-        self.buf = merged;
-        self.written = RangeSet::default();
-        self.written.insert(0, self.buf.len());
-        self.base_len = 0;
-    }
-
-    /// Copies `[offset, offset + out.len())` into `out`; bytes past the
-    /// buffer read as zeros. Only valid when `needs_base_for` is false.
-    pub fn read(&self, offset: usize, out: &mut [u8]) {
-        let have = self.buf.len().saturating_sub(offset).min(out.len());
-        if have > 0 {
-            out[..have].copy_from_slice(&self.buf[offset..offset + have]);
-        }
-        out[have..].fill(0);
-    }
-
-    /// Cuts the block down to `len` bytes (a truncate inside this block).
-    pub fn truncate(&mut self, len: usize) {
-        self.buf.truncate(len);
-        self.written.truncate(len);
-        self.base_len = self.base_len.min(len);
-    }
+    Some(cur.min(size))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const BS: u64 = 4096;
+    const CS: u64 = 4096;
 
     #[test]
-    fn pieces_split_at_block_boundaries() {
-        assert_eq!(pieces(0, 0, BS), vec![]);
+    fn pieces_split_at_chunk_boundaries() {
+        assert_eq!(pieces(0, 0, CS), vec![]);
         assert_eq!(
-            pieces(10, 5, BS),
-            vec![Piece {
-                index: 0,
-                offset: 10,
-                buf_pos: 0,
-                len: 5
-            }]
-        );
-        assert_eq!(
-            pieces(4090, 10, BS),
+            pieces(4090, 10, CS),
             vec![
                 Piece {
                     index: 0,
@@ -237,114 +317,139 @@ mod tests {
                 }
             ]
         );
-        let p = pieces(4096 * 3, 4096 * 2 + 1, BS);
+        let p = pieces(4096 * 3, 4096 * 2 + 1, CS);
         assert_eq!(p.len(), 3);
-        assert_eq!(
-            p[2],
-            Piece {
-                index: 5,
-                offset: 0,
-                buf_pos: 8192,
-                len: 1
+        assert_eq!(p[2].index, 5);
+    }
+
+    fn render(d: &DirtyChunk, n: usize) -> Vec<u8> {
+        let mut out = vec![0u8; n];
+        d.overlay(0, &mut out);
+        out
+    }
+
+    #[test]
+    fn writes_merge_and_count_new_bytes() {
+        let mut d = DirtyChunk::default();
+        assert_eq!(d.write(10, b"abc", || None), 3);
+        assert_eq!(d.write(13, b"de", || None), 2, "append");
+        assert_eq!(d.write(0, b"xy", || None), 2);
+        assert_eq!(d.extent_count(), 2);
+        assert_eq!(d.write(2, b"12345678", || None), 8, "bridges the gap");
+        assert_eq!(d.extent_count(), 1);
+        assert_eq!(&render(&d, 16)[..15], b"xy12345678abcde");
+        assert_eq!(d.write(1, b"Q", || None), 0, "an overwrite adds nothing");
+        assert!(d.covers(0, 15));
+        assert!(!d.covers(0, 16));
+        d.truncate(5);
+        assert_eq!(d.bytes(), 5);
+        assert!(!d.covers(0, 6));
+    }
+
+    #[test]
+    fn dirty_chunk_matches_a_byte_model() {
+        let mut seed = 7u64;
+        let mut next = |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for _ in 0..300 {
+            let mut d = DirtyChunk::default();
+            let mut model = vec![0u8; 300];
+            let mut written = vec![false; 300];
+            for k in 0..20 {
+                let pos = next(290) as usize;
+                let len = 1 + next((300 - pos) as u64) as usize;
+                let data: Vec<u8> = (0..len).map(|i| (k * 13 + i) as u8 | 1).collect();
+                d.write(pos as u32, &data, || None);
+                model[pos..pos + len].copy_from_slice(&data);
+                written[pos..pos + len].iter_mut().for_each(|w| *w = true);
+                assert_eq!(render(&d, 300), model);
+                assert_eq!(d.bytes(), written.iter().filter(|w| **w).count() as u64);
             }
-        );
-    }
-
-    #[test]
-    fn bytes_in_block_handles_holes_and_eof() {
-        assert_eq!(bytes_in_block(0, 0, BS), 0);
-        assert_eq!(bytes_in_block(4095, 0, BS), 4095);
-        assert_eq!(bytes_in_block(4097, 0, BS), 4096);
-        assert_eq!(bytes_in_block(4097, 1, BS), 1);
-        assert_eq!(bytes_in_block(4097, 2, BS), 0);
-    }
-
-    #[test]
-    fn ranges_merge_and_cover() {
-        let mut r = RangeSet::default();
-        r.insert(10, 20);
-        r.insert(30, 40);
-        assert!(!r.covers(10, 40));
-        r.insert(20, 30); // touching ranges join
-        assert!(r.covers(10, 40));
-        assert_eq!(r.iter().collect::<Vec<_>>(), vec![(10, 40)]);
-        r.insert(0, 5);
-        r.insert(3, 12);
-        assert_eq!(r.iter().collect::<Vec<_>>(), vec![(0, 40)]);
-        assert!(r.covers(5, 5));
-        r.truncate(15);
-        assert_eq!(r.iter().collect::<Vec<_>>(), vec![(0, 15)]);
-    }
-
-    #[test]
-    fn sequential_writes_fill_a_block() {
-        let mut b = DirtyBlock::new(0, 4096);
-        for i in 0..4 {
-            assert!(!b.is_full(4096));
-            b.write(i * 1024, &[i as u8; 1024]);
+            let copies = d.copy_range(50, 250);
+            let mut out = model.clone();
+            out[50..250].fill(0);
+            for (p, b) in copies {
+                out[p as usize..p as usize + b.len()].copy_from_slice(&b);
+            }
+            for i in 50..250 {
+                if written[i] {
+                    assert_eq!(out[i], model[i]);
+                }
+            }
         }
-        assert!(b.is_full(4096));
-        assert_eq!(b.buf.len(), 4096);
-        assert_eq!(b.buf[1024], 1);
     }
 
     #[test]
-    fn writes_past_the_end_leave_zeros() {
-        let mut b = DirtyBlock::new(0, 0);
-        b.write(100, b"xy");
-        let mut out = [9u8; 110];
-        b.read(0, &mut out);
-        assert!(out[..100].iter().all(|&x| x == 0));
-        assert_eq!(&out[100..102], b"xy");
-        assert!(out[102..].iter().all(|&x| x == 0), "beyond the buffer reads zeros");
+    fn full_chunk_is_detected() {
+        let mut d = DirtyChunk::default();
+        d.write(0, &[1; 2048], || Some(Vec::with_capacity(4096)));
+        assert!(!d.is_full(CS));
+        d.write(2048, &[2; 2048], || None);
+        assert!(d.is_full(CS));
     }
 
     #[test]
-    fn partial_overwrite_patches_the_old_block() {
-        let old = vec![b'o'; 3000];
-        let mut b = DirtyBlock::new(old.len(), 4096);
-        b.write(10, b"NEW");
-        b.write(2999, b"TAIL");
-        assert!(b.needs_base_for(0, 10));
-        assert!(!b.needs_base_for(10, 13));
-        b.merge_base(&old);
-        assert!(!b.needs_base());
-        assert_eq!(b.buf.len(), 3003);
-        assert_eq!(&b.buf[..10], &old[..10]);
-        assert_eq!(&b.buf[10..13], b"NEW");
-        assert_eq!(&b.buf[13..2999], &old[13..2999]);
-        assert_eq!(&b.buf[2999..], b"TAIL");
+    fn seek_data_and_hole_round_to_blocks() {
+        // Data at [5000, 5001) and [20000, 30000) of a 50,000-byte file.
+        let r = [(5000, 5001), (20000, 30000)];
+        assert_eq!(seek_data_hole(&r, 0, 50_000, true), Some(4096));
+        assert_eq!(seek_data_hole(&r, 4500, 50_000, true), Some(4500));
+        assert_eq!(seek_data_hole(&r, 8192, 50_000, true), Some(16384));
+        assert_eq!(seek_data_hole(&r, 32768, 50_000, true), None);
+        assert_eq!(seek_data_hole(&r, 0, 50_000, false), Some(0));
+        assert_eq!(seek_data_hole(&r, 4096, 50_000, false), Some(8192));
+        assert_eq!(seek_data_hole(&r, 17000, 50_000, false), Some(32768));
+        assert_eq!(seek_data_hole(&r, 49_999, 50_000, false), Some(49_999));
+        assert_eq!(seek_data_hole(&r, 50_000, 50_000, false), None);
+        // Data up to the end: the only hole is the end of the file.
+        assert_eq!(seek_data_hole(&[(0, 10)], 0, 10, false), Some(10));
+        assert_eq!(seek_data_hole(&[], 3, 10, false), Some(3));
+        assert_eq!(seek_data_hole(&[], 3, 10, true), None);
     }
 
     #[test]
-    fn overwriting_all_old_bytes_needs_no_read() {
-        let mut b = DirtyBlock::new(100, 4096);
-        b.write(50, &[1; 50]);
-        assert!(b.needs_base());
-        b.write(0, &[2; 50]);
-        assert!(!b.needs_base());
-    }
-
-    #[test]
-    fn short_base_reads_as_zeros_and_truncate_cuts() {
-        let mut b = DirtyBlock::new(20, 4096);
-        b.write(15, b"abc");
-        b.merge_base(b"0123456789"); // only 10 of the promised 20 bytes
-        assert_eq!(b.buf.len(), 20);
-        assert_eq!(&b.buf[..10], b"0123456789");
-        assert_eq!(&b.buf[10..15], &[0; 5]);
-        assert_eq!(&b.buf[15..18], b"abc");
-        b.truncate(16);
-        assert_eq!(b.buf.len(), 16);
-        assert!(b.written.covers(0, 16));
-    }
-
-    #[test]
-    fn content_copy_starts_clean() {
-        let b = DirtyBlock::from_content(b"hello");
-        assert!(!b.needs_base());
-        let mut out = [0u8; 5];
-        b.read(0, &mut out);
-        assert_eq!(&out, b"hello");
+    fn pack_fills_blocks_and_splits_extents() {
+        let ext = vec![(0, 0, vec![1u8; 3]), (0, 10, vec![2u8; 4]), (5, 7, vec![3u8; 6])];
+        let (bufs, parts) = pack(ext, 8);
+        assert_eq!(bufs.len(), 2);
+        assert_eq!(bufs[0], vec![1, 1, 1, 2, 2, 2, 2, 3]);
+        assert_eq!(bufs[1], vec![3; 5]);
+        assert_eq!(
+            parts,
+            vec![
+                Part {
+                    chunk: 0,
+                    pos: 0,
+                    len: 3,
+                    buf: 0,
+                    off: 0
+                },
+                Part {
+                    chunk: 0,
+                    pos: 10,
+                    len: 4,
+                    buf: 0,
+                    off: 3
+                },
+                Part {
+                    chunk: 5,
+                    pos: 7,
+                    len: 1,
+                    buf: 0,
+                    off: 7
+                },
+                Part {
+                    chunk: 5,
+                    pos: 8,
+                    len: 5,
+                    buf: 1,
+                    off: 0
+                },
+            ]
+        );
+        let (bufs, parts) = pack(vec![(3, 0, vec![9u8; 8])], 8);
+        assert_eq!((bufs.len(), parts.len()), (1, 1));
     }
 }

@@ -45,7 +45,7 @@ pub mod layout;
 mod meta;
 pub mod mounts;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -66,6 +66,14 @@ pub const RENAME_EXCHANGE: u32 = 2;
 /// setxattr flags (Linux values), for [`Client::setxattr`].
 pub const XATTR_CREATE: u32 = 1;
 pub const XATTR_REPLACE: u32 = 2;
+/// fallocate(2) modes (Linux values), for [`Client::fallocate`].
+pub const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
+pub const FALLOC_FL_PUNCH_HOLE: u32 = 0x02;
+/// Largest file size metad accepts.
+pub const MAX_FILE_SIZE: u64 = 1 << 50;
+/// Block ids asked for per AllocateBlocks call (shared by every file of
+/// this client, so a small file written and closed needs no call of its own).
+const ALLOC_BATCH: u32 = 16;
 
 /// Longest file name jfs accepts, in bytes.
 pub use jfs_common::names::{check_name, NAME_MAX};
@@ -110,6 +118,12 @@ struct Inner {
     /// Lock order: `open`, then an OpenInode's state, then `pins`.
     pins: Mutex<HashMap<u64, Pin>>,
     timeout: Duration,
+    /// Allocated block ids not used yet.
+    alloc: tokio::sync::Mutex<VecDeque<rpc::AllocatedBlock>>,
+    /// Chunks queued for compaction, and one compaction at a time: it is
+    /// background work and must not crowd out the user's IO.
+    compacting: Mutex<HashMap<(u64, u64), bool>>,
+    compaction_slot: tokio::sync::Semaphore,
 }
 
 #[derive(Default)]
@@ -150,6 +164,9 @@ impl Client {
                 open: Mutex::new(HashMap::new()),
                 pins: Mutex::new(HashMap::new()),
                 timeout,
+                alloc: tokio::sync::Mutex::new(VecDeque::new()),
+                compacting: Mutex::new(HashMap::new()),
+                compaction_slot: tokio::sync::Semaphore::new(1),
             }),
         })
     }
@@ -490,7 +507,7 @@ impl Client {
             .await?;
         let attr = attr_of(reply.attr)?;
         if let (Some(f), Some(_)) = (&open, args.size) {
-            f.truncated(attr.size);
+            f.reset_map(attr.size);
         }
         Ok(self.local_view(attr))
     }
@@ -573,6 +590,59 @@ impl Client {
         file::open_with(self, attr).await
     }
 
+    /// fallocate(2): `mode` 0 extends the size, [`FALLOC_FL_KEEP_SIZE`] does
+    /// nothing (space is taken at write time), [`FALLOC_FL_PUNCH_HOLE`] |
+    /// [`FALLOC_FL_KEEP_SIZE`] makes the range read as zeros; other modes
+    /// fail with NotSupported. Unflushed writes are flushed first, so a
+    /// punch hides them too.
+    pub async fn fallocate(&self, ino: u64, mode: u32, offset: u64, len: u64) -> FsResult<Attr> {
+        let open = self.open_inode(ino);
+        if let Some(f) = &open {
+            f.flush(self).await?;
+        }
+        let ns = self.ns_id();
+        let reply = self
+            .meta()
+            .call_mut(|mut c, hdr| {
+                let req = rpc::FallocateRequest {
+                    hdr: Some(hdr),
+                    ns,
+                    ino,
+                    mode,
+                    offset,
+                    len,
+                };
+                async move { c.fallocate(req).await }
+            })
+            .await?;
+        let attr = attr_of(reply.attr)?;
+        if let Some(f) = &open {
+            f.reset_map(attr.size);
+        }
+        Ok(self.local_view(attr))
+    }
+
+    /// Slices per chunk of `ino` (committed state), for `jfs fs chunks`:
+    /// `(chunk index, slice count)` for every chunk holding a slice.
+    pub async fn chunk_stats(&self, ino: u64) -> FsResult<Vec<(u64, usize)>> {
+        let mut out = Vec::new();
+        let mut first = 0u64;
+        let size = self.getattr(ino).await?.size;
+        let cs = self.block_size();
+        while first.saturating_mul(cs) < size {
+            let req = rpc::GetChunksRequest {
+                ns: self.ns_id(),
+                ino,
+                first_index: first,
+                count: file::WINDOW as u32,
+            };
+            let reply = self.meta().call(|mut c| async move { c.get_chunks(req).await }).await?;
+            out.extend(reply.chunks.iter().map(|c| (c.index, c.slices.len())));
+            first += file::WINDOW;
+        }
+        Ok(out)
+    }
+
     /// The size of `ino` as this process sees it, if it differs from the
     /// committed one because of unflushed writes through this process.
     pub fn local_size(&self, ino: u64) -> Option<u64> {
@@ -602,7 +672,94 @@ impl Client {
         attr
     }
 
-    fn open_inode(&self, ino: u64) -> Option<Arc<OpenInode>> {
+    /// One block id with its replicas, from a pool shared by all files.
+    async fn allocate_block(&self, ino: u64) -> FsResult<rpc::AllocatedBlock> {
+        let mut pool = self.inner.alloc.lock().await;
+        if let Some(b) = pool.pop_front() {
+            return Ok(b);
+        }
+        let ns = self.ns_id();
+        let reply = self
+            .meta()
+            .call_mut(|mut c, hdr| {
+                let req = rpc::AllocateBlocksRequest {
+                    hdr: Some(hdr),
+                    ns,
+                    ino,
+                    count: ALLOC_BATCH,
+                };
+                async move { c.allocate_blocks(req).await }
+            })
+            .await?;
+        pool.extend(reply.blocks);
+        pool.pop_front()
+            .ok_or_else(|| FsError::NoSpace("metad allocated no block (no live blockd with free space?)".into()))
+    }
+
+    /// Drops pooled allocations (their replicas may include a dead blockd).
+    async fn forget_allocations(&self) {
+        self.inner.alloc.lock().await.clear();
+    }
+
+    /// Queues background compaction of fragmented chunks of `ino`. A chunk
+    /// reported again while its compaction is queued or running is done
+    /// once more afterwards (the running one may be refused by the very
+    /// commit that reported it).
+    fn compact_later(&self, ino: u64, chunks: Vec<u64>) {
+        let fresh: Vec<u64> = {
+            let mut q = lock(&self.inner.compacting);
+            chunks
+                .into_iter()
+                .filter(|&c| match q.get_mut(&(ino, c)) {
+                    Some(again) => {
+                        *again = true;
+                        false
+                    }
+                    None => {
+                        q.insert((ino, c), false);
+                        true
+                    }
+                })
+                .collect()
+        };
+        if fresh.is_empty() {
+            return;
+        }
+        let client = self.clone();
+        tokio::spawn(async move {
+            let Ok(_slot) = client.inner.compaction_slot.acquire().await else {
+                return;
+            };
+            for index in fresh {
+                loop {
+                    let res = std::panic::AssertUnwindSafe(file::compact_chunk(&client, ino, index));
+                    match futures::FutureExt::catch_unwind(res).await {
+                        Ok(Ok(_)) => {}
+                        // The file may be gone: nothing to do.
+                        Ok(Err(FsError::NotFound)) => {}
+                        // A block freed under the compactor: the chunk
+                        // changed, and its next commit asks again.
+                        Ok(Err(e @ FsError::Io(_))) => {
+                            tracing::debug!(ino, index, error = %e, "compaction skipped: the chunk changed")
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(ino, index, error = %e, "compaction failed; the chunk stays as it was")
+                        }
+                        Err(_) => tracing::error!(ino, index, "compaction panicked; the chunk stays as it was"),
+                    }
+                    let mut q = lock(&client.inner.compacting);
+                    if q.get(&(ino, index)) == Some(&true) {
+                        q.insert((ino, index), false);
+                    } else {
+                        q.remove(&(ino, index));
+                        break;
+                    }
+                }
+            }
+        });
+    }
+
+    pub(crate) fn open_inode(&self, ino: u64) -> Option<Arc<OpenInode>> {
         lock(&self.inner.open).get(&ino).cloned()
     }
 

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod error;
 pub mod names;
+pub mod slices;
 
 /// Generated from `proto/jfs.proto`.
 pub mod rpc {

@@ -13,7 +13,8 @@
 //! | `G` block id                | block waiting for deletion     |
 //! | `F` ns `i` ino              | inode                          |
 //! | `F` ns `d` parent name      | directory entry                |
-//! | `F` ns `b` ino index        | block ref                      |
+//! | `F` ns `c` ino chunk index  | chunk: version and slices      |
+//! | `F` ns `k` block id         | block: length, replicas, refs  |
 //! | `F` ns `x` ino name         | xattr value                    |
 //! | `F` ns `o` ino              | open-unlinked (orphan) inode   |
 //! | `F` ns `m` name             | namespace counters and record  |
@@ -63,12 +64,16 @@ pub fn dir_prefix(ns: u32, parent: u64) -> Vec<u8> {
     ns_key(ns, b'd', &[&parent.to_be_bytes()])
 }
 
-pub fn block(ns: u32, ino: u64, index: u64) -> Vec<u8> {
-    ns_key(ns, b'b', &[&ino.to_be_bytes(), &index.to_be_bytes()])
+pub fn chunk(ns: u32, ino: u64, index: u64) -> Vec<u8> {
+    ns_key(ns, b'c', &[&ino.to_be_bytes(), &index.to_be_bytes()])
 }
 
-pub fn block_prefix(ns: u32, ino: u64) -> Vec<u8> {
-    ns_key(ns, b'b', &[&ino.to_be_bytes()])
+pub fn chunk_prefix(ns: u32, ino: u64) -> Vec<u8> {
+    ns_key(ns, b'c', &[&ino.to_be_bytes()])
+}
+
+pub fn block_info(ns: u32, block_id: u64) -> Vec<u8> {
+    ns_key(ns, b'k', &[&block_id.to_be_bytes()])
 }
 
 pub fn xattr(ns: u32, ino: u64, name: &[u8]) -> Vec<u8> {
@@ -100,7 +105,7 @@ pub fn be_u64_at(key: &[u8], off: usize) -> Option<u64> {
 
 /// Offsets into keys built above, for decoding scans.
 pub const DIRENT_NAME_OFFSET: usize = 1 + 4 + 1 + 8;
-pub const BLOCK_INDEX_OFFSET: usize = 1 + 4 + 1 + 8;
+pub const CHUNK_INDEX_OFFSET: usize = 1 + 4 + 1 + 8;
 pub const XATTR_NAME_OFFSET: usize = 1 + 4 + 1 + 8;
 pub const GARBAGE_ID_OFFSET: usize = 1;
 
@@ -119,8 +124,8 @@ mod tests {
     }
 
     #[test]
-    fn block_keys_sort_numerically() {
-        assert!(block(1, 5, 255) < block(1, 5, 256));
-        assert_eq!(be_u64_at(&block(1, 5, 256), BLOCK_INDEX_OFFSET), Some(256));
+    fn chunk_keys_sort_numerically() {
+        assert!(chunk(1, 5, 255) < chunk(1, 5, 256));
+        assert_eq!(be_u64_at(&chunk(1, 5, 256), CHUNK_INDEX_OFFSET), Some(256));
     }
 }

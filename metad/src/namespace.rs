@@ -17,7 +17,13 @@ use jfs_common::FsError;
 
 use crate::keys;
 use crate::kv::{KvError, KvRead, Txn};
-use crate::raft_types::{ApplyResult, AttrRec, BlockRec, Command, NamespaceRec, Op, Reply, TimeSet};
+use std::collections::BTreeMap;
+
+use jfs_common::slices::{self, Slice};
+
+use crate::raft_types::{
+    ApplyResult, AttrRec, BlockInfo, ChunkRec, Command, NamespaceRec, NewBlock, Op, Reply, TimeSet,
+};
 
 pub const ROOT_INO: u64 = 1;
 pub const MAX_NAME_LEN: usize = jfs_common::names::NAME_MAX;
@@ -30,6 +36,16 @@ pub const RENAME_NOREPLACE: u32 = 1;
 pub const RENAME_EXCHANGE: u32 = 2;
 pub const XATTR_CREATE: u32 = 1;
 pub const XATTR_REPLACE: u32 = 2;
+/// fallocate(2) modes jfs implements (Linux values).
+pub const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
+pub const FALLOC_FL_PUNCH_HOLE: u32 = 0x02;
+/// A commit that leaves a chunk with more slices than this reports it as
+/// fragmented, and the committing client compacts it. Reads stay correct at
+/// any count; this bounds metadata size and the pieces a read stitches.
+pub const COMPACT_AT_SLICES: usize = 128;
+/// Largest block a client may register (blocks are at most one chunk, but
+/// a namespace's block size may be up to 64 MiB).
+pub const MAX_BLOCK_LEN: u64 = 64 << 20;
 
 const S_IFMT: u32 = libc::S_IFMT;
 const S_IFDIR: u32 = libc::S_IFDIR;
@@ -259,29 +275,43 @@ pub fn list_xattr<R: KvRead + ?Sized>(kv: &R, ns: u32, ino: u64) -> NsResult<Vec
         .collect())
 }
 
-/// The inode and its block refs with index in `[first, first + count)`.
-pub fn get_blocks<R: KvRead + ?Sized>(
+/// Chunks with a slice and index in `[first, first + count)`, with the
+/// location of every block they refer to.
+#[allow(clippy::type_complexity)]
+pub fn get_chunks<R: KvRead + ?Sized>(
     kv: &R,
     ns: u32,
     ino: u64,
     first: u64,
     count: usize,
-) -> NsResult<(AttrRec, Vec<(u64, BlockRec)>)> {
+) -> NsResult<(AttrRec, Vec<(u64, ChunkRec)>, Vec<(u64, BlockInfo)>)> {
     let inode = get_inode(kv, ns, ino)?;
     if inode.is_dir() {
         return Err(FsError::IsDirectory.into());
     }
-    let prefix = keys::block_prefix(ns, ino);
-    let after = first.checked_sub(1).map(|i| keys::block(ns, ino, i));
-    let mut out = Vec::new();
+    let prefix = keys::chunk_prefix(ns, ino);
+    let after = first.checked_sub(1).map(|i| keys::chunk(ns, ino, i));
+    let mut chunks = Vec::new();
+    let mut ids = std::collections::BTreeSet::new();
     for (k, v) in kv.scan(&prefix, after.as_deref(), count.clamp(1, 100_000))? {
-        let index = keys::be_u64_at(&k, keys::BLOCK_INDEX_OFFSET).ok_or_else(|| KvError("bad block key".into()))?;
+        let index = keys::be_u64_at(&k, keys::CHUNK_INDEX_OFFSET).ok_or_else(|| KvError("bad chunk key".into()))?;
         if index >= first.saturating_add(count as u64) {
             break;
         }
-        out.push((index, decode("block ref", &v)?));
+        let c: ChunkRec = decode("chunk", &v)?;
+        ids.extend(c.slices.iter().filter(|s| !s.is_zero()).map(|s| s.block_id));
+        chunks.push((index, c));
     }
-    Ok((inode.attr(ino), out))
+    let mut blocks = Vec::with_capacity(ids.len());
+    for id in ids {
+        match kv.get(&keys::block_info(ns, id))? {
+            Some(v) => blocks.push((id, decode("block", &v)?)),
+            None => {
+                return Err(KvError(format!("inode {ino} refers to block {id}, which the block table lacks")).into())
+            }
+        }
+    }
+    Ok((inode.attr(ino), chunks, blocks))
 }
 
 pub struct NsUsage {
@@ -453,13 +483,28 @@ fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<R
             c.t.put(keys::NEXT_BLOCK.to_vec(), encode(&(first + *count as u64)));
             Ok(Reply::BlockIds { first, count: *count })
         }
-        Op::CommitWrite {
+        Op::CommitSlices {
             ns,
             ino,
-            blocks,
-            size,
+            new_blocks,
+            slices,
             mtime,
-        } => c.commit_write(*ns, *ino, blocks, *size, *mtime),
+        } => c.commit_slices(*ns, *ino, new_blocks, slices, *mtime),
+        Op::CompactChunk {
+            ns,
+            ino,
+            chunk,
+            version,
+            block,
+            slices,
+        } => c.compact_chunk(*ns, *ino, *chunk, *version, block, slices),
+        Op::Fallocate {
+            ns,
+            ino,
+            mode,
+            offset,
+            len,
+        } => c.fallocate(*ns, *ino, *mode, *offset, *len),
         Op::ForgetGarbage { replica, block_ids } => {
             for id in block_ids {
                 let key = keys::garbage(*id);
@@ -701,7 +746,7 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
 
     /// Removes an inode with no links left: its blocks go to garbage.
     fn destroy_inode(&mut self, ns: u32, ino: u64, inode: &Inode) -> NsResult<()> {
-        self.truncate_blocks(ns, ino, 0)?;
+        self.truncate_chunks(ns, ino, 0)?;
         for (k, _) in self.t.scan(&keys::xattr_prefix(ns, ino), None, usize::MAX)? {
             self.t.delete(k);
         }
@@ -901,31 +946,100 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
         Ok(Reply::Ok)
     }
 
-    /// Drops block refs past `new_size` and shortens the last one.
-    fn truncate_blocks(&mut self, ns: u32, ino: u64, new_size: u64) -> NsResult<()> {
+    fn chunk_size(&self, ns: u32) -> NsResult<u64> {
         let rec = namespace_by_id(&*self.t, ns)?.ok_or_else(|| FsError::NamespaceNotFound(format!("id {ns}")))?;
-        let bs = rec.block_size;
-        let first_dropped = new_size.div_ceil(bs);
-        let prefix = keys::block_prefix(ns, ino);
-        if new_size % bs != 0 {
-            let idx = new_size / bs;
-            let key = keys::block(ns, ino, idx);
-            if let Some(v) = self.t.get(&key)? {
-                let mut b: BlockRec = decode("block ref", &v)?;
-                let keep = new_size - idx * bs;
-                if b.len > keep {
-                    b.len = keep;
-                    self.t.put(key, encode(&b));
-                }
+        Ok(rec.block_size)
+    }
+
+    fn get_chunk(&self, ns: u32, ino: u64, index: u64) -> NsResult<ChunkRec> {
+        Ok(match self.t.get(&keys::chunk(ns, ino, index))? {
+            Some(v) => decode("chunk", &v)?,
+            None => ChunkRec::default(),
+        })
+    }
+
+    /// Stores a chunk after a change: drops slices nobody can see any more
+    /// (their block references go in `refs`), bumps the version, deletes
+    /// the record when nothing is left. Returns the slice count left.
+    fn put_chunk(&mut self, ns: u32, ino: u64, index: u64, mut c: ChunkRec, refs: &mut RefDelta) -> NsResult<usize> {
+        let keep = slices::prune(&c.slices);
+        let mut kept = Vec::with_capacity(c.slices.len());
+        for (s, k) in c.slices.iter().zip(keep) {
+            if k {
+                kept.push(*s);
+            } else {
+                refs.sub(s);
             }
         }
-        let after = first_dropped.checked_sub(1).map(|i| keys::block(ns, ino, i));
-        for (k, v) in self.t.scan(&prefix, after.as_deref(), usize::MAX)? {
-            let b: BlockRec = decode("block ref", &v)?;
-            self.t.put(keys::garbage(b.block_id), encode(&b.replicas));
-            self.t.delete(k);
+        c.slices = kept;
+        // Versions come from one namespace-wide counter, so a chunk that is
+        // deleted and written again never repeats a version a compactor may
+        // still hold.
+        let vkey = keys::ns_meta(ns, "chunk_version");
+        c.version = txn_u64(self.t, &vkey)?.max(c.version) + 1;
+        self.t.put(vkey, encode(&c.version));
+        let key = keys::chunk(ns, ino, index);
+        if c.slices.is_empty() {
+            self.t.delete(key);
+        } else {
+            self.t.put(key, encode(&c));
+        }
+        Ok(c.slices.len())
+    }
+
+    /// Applies reference count changes; blocks nobody refers to go to the
+    /// garbage table (deleted on their blockds by heartbeat commands).
+    fn apply_refs(&mut self, ns: u32, refs: RefDelta) -> NsResult<()> {
+        for (id, delta) in refs.0 {
+            let key = keys::block_info(ns, id);
+            let Some(v) = self.t.get(&key)? else {
+                if delta > 0 {
+                    return Err(FsError::InvalidArgument(format!("block {id} is not known to metad")).into());
+                }
+                continue;
+            };
+            let mut b: BlockInfo = decode("block", &v)?;
+            let refs = (b.refs as i64).saturating_add(delta);
+            if refs <= 0 {
+                self.t.delete(key);
+                self.t.put(keys::garbage(id), encode(&b.replicas));
+            } else {
+                b.refs = refs as u64;
+                self.t.put(key, encode(&b));
+            }
         }
         Ok(())
+    }
+
+    /// Drops every byte at or past `new_size`.
+    fn truncate_chunks(&mut self, ns: u32, ino: u64, new_size: u64) -> NsResult<()> {
+        let cs = self.chunk_size(ns)?;
+        let mut refs = RefDelta::default();
+        let prefix = keys::chunk_prefix(ns, ino);
+        let first = new_size / cs;
+        let after = first.checked_sub(1).map(|i| keys::chunk(ns, ino, i));
+        for (k, v) in self.t.scan(&prefix, after.as_deref(), usize::MAX)? {
+            let index = keys::be_u64_at(&k, keys::CHUNK_INDEX_OFFSET).ok_or_else(|| KvError("bad chunk key".into()))?;
+            let c: ChunkRec = decode("chunk", &v)?;
+            let keep_len = new_size.saturating_sub(index * cs).min(cs) as u32;
+            let (kept, dropped) = slices::clip(&c.slices, keep_len);
+            for s in &dropped {
+                refs.sub(s);
+            }
+            if kept.len() != c.slices.len() || kept != c.slices {
+                self.put_chunk(
+                    ns,
+                    ino,
+                    index,
+                    ChunkRec {
+                        version: c.version,
+                        slices: kept,
+                    },
+                    &mut refs,
+                )?;
+            }
+        }
+        self.apply_refs(ns, refs)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -971,7 +1085,7 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
                 return Err(FsError::FileTooBig.into());
             }
             if sz < inode.size {
-                self.truncate_blocks(ns, ino, sz)?;
+                self.truncate_chunks(ns, ino, sz)?;
             }
             txn_add(self.t, keys::ns_meta(ns, "bytes"), sz as i64 - inode.size as i64)?;
             if sz != inode.size {
@@ -1028,15 +1142,8 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
         Ok(Reply::Attr(inode.attr(ino)))
     }
 
-    fn commit_write(
-        &mut self,
-        ns: u32,
-        ino: u64,
-        blocks: &[(u64, BlockRec)],
-        size: u64,
-        mtime: Option<i64>,
-    ) -> NsResult<Reply> {
-        let mut inode = self.inode(ns, ino)?;
+    fn regular_file(&self, ns: u32, ino: u64) -> NsResult<Inode> {
+        let inode = self.inode(ns, ino)?;
         if !inode.is_reg() {
             return Err(if inode.is_dir() {
                 FsError::IsDirectory
@@ -1045,39 +1152,264 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
             }
             .into());
         }
-        if size > MAX_FILE_SIZE {
-            return Err(FsError::FileTooBig.into());
+        Ok(inode)
+    }
+
+    /// Registers blocks a client stored (no references yet).
+    fn register_blocks(&mut self, ns: u32, blocks: &[NewBlock], refs: &mut RefDelta) -> NsResult<()> {
+        for b in blocks {
+            if b.block_id == slices::ZERO_BLOCK || b.len == 0 || b.len > MAX_BLOCK_LEN {
+                return Err(FsError::InvalidArgument(format!(
+                    "block {} of {} bytes cannot be registered",
+                    b.block_id, b.len
+                ))
+                .into());
+            }
+            let key = keys::block_info(ns, b.block_id);
+            if self.t.get(&key)?.is_none() {
+                let info = BlockInfo {
+                    len: b.len,
+                    replicas: b.replicas.clone(),
+                    refs: 0,
+                };
+                self.t.put(key, encode(&info));
+            }
+            // Checked by apply_refs: a block no slice ends up using is garbage.
+            refs.0.entry(b.block_id).or_insert(0);
         }
-        let rec = namespace_by_id(&*self.t, ns)?.ok_or_else(|| FsError::NamespaceNotFound(format!("id {ns}")))?;
-        for (index, b) in blocks {
-            if b.len > rec.block_size || index.saturating_mul(rec.block_size) >= size.max(1) && b.len > 0 {
+        Ok(())
+    }
+
+    /// The length of a block a slice may refer to, from this command's new
+    /// blocks or the block table.
+    fn block_len(&self, ns: u32, id: u64, new_blocks: &[NewBlock]) -> NsResult<u64> {
+        if let Some(b) = new_blocks.iter().find(|b| b.block_id == id) {
+            return Ok(b.len);
+        }
+        match self.t.get(&keys::block_info(ns, id))? {
+            Some(v) => Ok(decode::<BlockInfo>("block", &v)?.len),
+            None => Err(FsError::InvalidArgument(format!("block {id} is not known to metad")).into()),
+        }
+    }
+
+    fn check_slice(&self, ns: u32, cs: u64, s: &Slice, new_blocks: &[NewBlock]) -> NsResult<()> {
+        if s.len == 0 || s.pos as u64 + s.len as u64 > cs {
+            return Err(FsError::InvalidArgument(format!(
+                "slice at {} of {} bytes does not fit a chunk of {cs} bytes",
+                s.pos, s.len
+            ))
+            .into());
+        }
+        if s.is_zero() {
+            return Ok(());
+        }
+        let blen = self.block_len(ns, s.block_id, new_blocks)?;
+        if s.block_off as u64 + s.len as u64 > blen {
+            return Err(FsError::InvalidArgument(format!(
+                "slice reads {} bytes at {} of block {}, which has {blen}",
+                s.len, s.block_off, s.block_id
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// A data write: new slices on top of each chunk; the size grows to
+    /// cover them and never shrinks, so concurrent writers keep each
+    /// other's bytes (DESIGN §5).
+    fn commit_slices(
+        &mut self,
+        ns: u32,
+        ino: u64,
+        new_blocks: &[NewBlock],
+        new_slices: &[(u64, Slice)],
+        mtime: Option<i64>,
+    ) -> NsResult<Reply> {
+        let mut inode = self.regular_file(ns, ino)?;
+        let cs = self.chunk_size(ns)?;
+        let mut refs = RefDelta::default();
+        let mut end = 0u64;
+        for (chunk, s) in new_slices {
+            if s.is_zero() {
+                return Err(FsError::InvalidArgument("a write cannot commit a zero slice".into()).into());
+            }
+            self.check_slice(ns, cs, s, new_blocks)?;
+            let e = chunk
+                .checked_mul(cs)
+                .and_then(|o| o.checked_add(s.end() as u64))
+                .filter(|&e| e <= MAX_FILE_SIZE)
+                .ok_or(FsError::FileTooBig)?;
+            end = end.max(e);
+        }
+        self.register_blocks(ns, new_blocks, &mut refs)?;
+        let mut by_chunk: BTreeMap<u64, Vec<Slice>> = BTreeMap::new();
+        for (chunk, s) in new_slices {
+            by_chunk.entry(*chunk).or_default().push(*s);
+        }
+        let mut fragmented = Vec::new();
+        for (index, added) in by_chunk {
+            let mut c = self.get_chunk(ns, ino, index)?;
+            for s in added {
+                refs.add(&s);
+                c.slices.push(s);
+            }
+            if self.put_chunk(ns, ino, index, c, &mut refs)? > COMPACT_AT_SLICES {
+                fragmented.push(index);
+            }
+        }
+        self.apply_refs(ns, refs)?;
+        if end > inode.size {
+            txn_add(self.t, keys::ns_meta(ns, "bytes"), (end - inode.size) as i64)?;
+            inode.size = end;
+        }
+        if !new_slices.is_empty() {
+            inode.mtime = mtime.unwrap_or(self.now);
+            inode.ctime = self.now;
+            // Writing by anyone but root clears set-user-id (as the kernel
+            // would ask through killpriv); keep it simple: any data write
+            // clears both.
+            if inode.mode & S_ISUID != 0 || inode.mode & (S_ISGID | 0o010) == (S_ISGID | 0o010) {
+                inode.mode &= !(S_ISUID | S_ISGID);
+            }
+            self.put_inode(ns, ino, &inode);
+        }
+        Ok(Reply::Committed {
+            attr: inode.attr(ino),
+            fragmented,
+        })
+    }
+
+    /// Background compaction's commit: the chunk's slices replaced by
+    /// `new_slices` over one new block, only if nothing changed the chunk
+    /// since the compactor read it. A refused block goes straight to garbage.
+    fn compact_chunk(
+        &mut self,
+        ns: u32,
+        ino: u64,
+        index: u64,
+        version: u64,
+        block: &NewBlock,
+        new_slices: &[Slice],
+    ) -> NsResult<Reply> {
+        let current = match self.regular_file(ns, ino) {
+            Ok(_) => self.get_chunk(ns, ino, index)?,
+            Err(NsError::Fs(_)) => ChunkRec::default(),
+            Err(e) => return Err(e),
+        };
+        if current.slices.is_empty() || current.version != version {
+            self.t.put(keys::garbage(block.block_id), encode(&block.replicas));
+            return Ok(Reply::Compacted { applied: false });
+        }
+        let cs = self.chunk_size(ns)?;
+        let blocks = std::slice::from_ref(block);
+        for s in new_slices {
+            if !s.is_zero() && s.block_id != block.block_id {
                 return Err(
-                    FsError::InvalidArgument(format!("block ref {index} lies outside a file of {size} bytes")).into(),
+                    FsError::InvalidArgument("a compacted chunk may only refer to its new block".into()).into(),
                 );
             }
-            let key = keys::block(ns, ino, *index);
-            if let Some(old) = self.t.get(&key)? {
-                let old: BlockRec = decode("block ref", &old)?;
-                if old.block_id != b.block_id {
-                    self.t.put(keys::garbage(old.block_id), encode(&old.replicas));
+            self.check_slice(ns, cs, s, blocks)?;
+        }
+        let mut refs = RefDelta::default();
+        self.register_blocks(ns, blocks, &mut refs)?;
+        for s in &current.slices {
+            refs.sub(s);
+        }
+        for s in new_slices {
+            refs.add(s);
+        }
+        let c = ChunkRec {
+            version: current.version,
+            slices: new_slices.to_vec(),
+        };
+        self.put_chunk(ns, ino, index, c, &mut refs)?;
+        self.apply_refs(ns, refs)?;
+        Ok(Reply::Compacted { applied: true })
+    }
+
+    fn fallocate(&mut self, ns: u32, ino: u64, mode: u32, offset: u64, len: u64) -> NsResult<Reply> {
+        let mut inode = self.regular_file(ns, ino)?;
+        let end = offset
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or_else(|| FsError::InvalidArgument(format!("fallocate of {len} bytes at {offset}")))?;
+        if end > MAX_FILE_SIZE {
+            return Err(FsError::FileTooBig.into());
+        }
+        match mode {
+            0 => {
+                // Space is taken at write time; only the size changes.
+                if end > inode.size {
+                    txn_add(self.t, keys::ns_meta(ns, "bytes"), (end - inode.size) as i64)?;
+                    inode.size = end;
+                    inode.mtime = self.now;
+                    inode.ctime = self.now;
+                    self.put_inode(ns, ino, &inode);
                 }
             }
-            self.t.put(key, encode(b));
+            FALLOC_FL_KEEP_SIZE => {}
+            m if m == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE => {
+                let end = end.min(inode.size);
+                if offset < end {
+                    self.punch(ns, ino, offset, end)?;
+                }
+                inode.mtime = self.now;
+                inode.ctime = self.now;
+                self.put_inode(ns, ino, &inode);
+            }
+            m => {
+                return Err(FsError::NotSupported(format!(
+                    "fallocate mode {m:#x}: jfs supports 0, FALLOC_FL_KEEP_SIZE and FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE"
+                ))
+                .into())
+            }
         }
-        if size < inode.size {
-            self.truncate_blocks(ns, ino, size)?;
-        }
-        txn_add(self.t, keys::ns_meta(ns, "bytes"), size as i64 - inode.size as i64)?;
-        inode.size = size;
-        inode.mtime = mtime.unwrap_or(self.now);
-        inode.ctime = self.now;
-        // Writing by anyone but root clears set-user-id (as the kernel would
-        // ask through killpriv); keep it simple: any data write clears both.
-        if inode.mode & S_ISUID != 0 || inode.mode & (S_ISGID | 0o010) == (S_ISGID | 0o010) {
-            inode.mode &= !(S_ISUID | S_ISGID);
-        }
-        self.put_inode(ns, ino, &inode);
         Ok(Reply::Attr(inode.attr(ino)))
+    }
+
+    /// Zeros `[start, end)` with a zero slice on top of each chunk it
+    /// touches (pruning then drops whatever it hides).
+    fn punch(&mut self, ns: u32, ino: u64, start: u64, end: u64) -> NsResult<()> {
+        let cs = self.chunk_size(ns)?;
+        let mut refs = RefDelta::default();
+        let prefix = keys::chunk_prefix(ns, ino);
+        let after = (start / cs).checked_sub(1).map(|i| keys::chunk(ns, ino, i));
+        // Only chunks that exist can hold data to hide.
+        for (k, v) in self.t.scan(&prefix, after.as_deref(), usize::MAX)? {
+            let index = keys::be_u64_at(&k, keys::CHUNK_INDEX_OFFSET).ok_or_else(|| KvError("bad chunk key".into()))?;
+            let base = index * cs;
+            if base >= end {
+                break;
+            }
+            let mut c: ChunkRec = decode("chunk", &v)?;
+            let a = start.max(base) - base;
+            let b = end.min(base + cs) - base;
+            c.slices.push(Slice {
+                pos: a as u32,
+                len: (b - a) as u32,
+                block_id: slices::ZERO_BLOCK,
+                block_off: 0,
+            });
+            self.put_chunk(ns, ino, index, c, &mut refs)?;
+        }
+        self.apply_refs(ns, refs)
+    }
+}
+
+/// Block reference count changes of one command, summed per block.
+#[derive(Default)]
+struct RefDelta(BTreeMap<u64, i64>);
+
+impl RefDelta {
+    fn add(&mut self, s: &Slice) {
+        if !s.is_zero() {
+            *self.0.entry(s.block_id).or_insert(0) += 1;
+        }
+    }
+    fn sub(&mut self, s: &Slice) {
+        if !s.is_zero() {
+            *self.0.entry(s.block_id).or_insert(0) -= 1;
+        }
     }
 }
 
@@ -1396,72 +1728,125 @@ mod tests {
         assert!(get_inode(&fs.kv, ns, f).is_err());
     }
 
+    fn new_block(id: u64, len: u64) -> NewBlock {
+        NewBlock {
+            block_id: id,
+            len,
+            replicas: vec!["r".into()],
+        }
+    }
+
+    fn slice(pos: u32, len: u32, block_id: u64, block_off: u32) -> Slice {
+        Slice {
+            pos,
+            len,
+            block_id,
+            block_off,
+        }
+    }
+
+    fn commit(fs: &mut Fs, ino: u64, blocks: Vec<NewBlock>, slices: Vec<(u64, Slice)>) -> (AttrRec, Vec<u64>) {
+        let ns = fs.ns;
+        match fs.run(Op::CommitSlices {
+            ns,
+            ino,
+            new_blocks: blocks,
+            slices,
+            mtime: None,
+        }) {
+            Ok(Reply::Committed { attr, fragmented }) => (attr, fragmented),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn chunks(fs: &Fs, ino: u64) -> Vec<(u64, ChunkRec)> {
+        get_chunks(&fs.kv, fs.ns, ino, 0, 1000).unwrap().1
+    }
+
+    fn garbage_ids(fs: &Fs) -> Vec<u64> {
+        garbage(&fs.kv, 10_000).unwrap().iter().map(|g| g.0).collect()
+    }
+
     #[test]
-    fn truncate_and_commit_move_blocks_to_garbage() {
+    fn commits_grow_never_shrink_and_hidden_blocks_become_garbage() {
         let mut fs = Fs::new();
         let ns = fs.ns;
         let f = fs.ino(ROOT_INO, "f", S_IFREG | 0o644);
-        let mb = 1u64 << 20;
-        let blocks: Vec<(u64, BlockRec)> = (0..3)
-            .map(|i| {
-                (
-                    i,
-                    BlockRec {
-                        block_id: 10 + i,
-                        len: mb,
-                        replicas: vec!["r".into()],
-                    },
-                )
-            })
-            .collect();
-        fs.run(Op::CommitWrite {
-            ns,
-            ino: f,
-            blocks,
-            size: 3 * mb,
-            mtime: None,
-        })
-        .unwrap();
-        assert_eq!(usage(&fs.kv, ns).unwrap().bytes, 3 * mb);
-        // Overwrite block 1: the old one becomes garbage.
-        let nb = vec![(
-            1,
-            BlockRec {
-                block_id: 20,
-                len: mb,
-                replicas: vec!["r".into()],
-            },
-        )];
-        fs.run(Op::CommitWrite {
-            ns,
-            ino: f,
-            blocks: nb,
-            size: 3 * mb,
-            mtime: None,
-        })
-        .unwrap();
-        assert_eq!(
-            garbage(&fs.kv, 10).unwrap().iter().map(|g| g.0).collect::<Vec<_>>(),
-            vec![11]
+        let mb = 1u32 << 20;
+        // Writer B: 1 MiB in chunk 0.
+        let (a, _) = commit(
+            &mut fs,
+            f,
+            vec![new_block(10, mb as u64)],
+            vec![(0, slice(0, mb, 10, 0))],
         );
-        // Truncate into block 1: block 2 goes, block 1 is shortened.
-        let r = fs.run(Op::SetAttr {
+        assert_eq!(a.size, mb as u64);
+        // Writer A, whose view was an empty file: 10 bytes at 0. B's bytes stay.
+        let (a, _) = commit(&mut fs, f, vec![new_block(11, 10)], vec![(0, slice(0, 10, 11, 0))]);
+        assert_eq!(a.size, mb as u64, "a commit never shrinks the file");
+        assert_eq!(chunks(&fs, f)[0].1.slices.len(), 2);
+        // A full overwrite hides both: their blocks become garbage.
+        commit(
+            &mut fs,
+            f,
+            vec![new_block(12, mb as u64)],
+            vec![(0, slice(0, mb, 12, 0))],
+        );
+        assert_eq!(chunks(&fs, f)[0].1.slices, vec![slice(0, mb, 12, 0)]);
+        assert_eq!(garbage_ids(&fs), vec![10, 11]);
+        assert_eq!(usage(&fs.kv, ns).unwrap().bytes, mb as u64);
+        // A block shared by slices of two chunks stays until both are gone.
+        let (a, _) = commit(
+            &mut fs,
+            f,
+            vec![new_block(13, 200)],
+            vec![(0, slice(0, 100, 13, 0)), (2, slice(5, 100, 13, 100))],
+        );
+        assert_eq!(a.size, 2 * (1 << 20) + 105);
+        let (_, _, blocks) = get_chunks(&fs.kv, ns, f, 0, 10).unwrap();
+        assert_eq!(blocks.iter().find(|b| b.0 == 13).unwrap().1.refs, 2);
+        // Slices must lie inside their block and chunk.
+        assert!(matches!(
+            fs.run(Op::CommitSlices {
+                ns,
+                ino: f,
+                new_blocks: vec![],
+                slices: vec![(0, slice(0, 300, 13, 0))],
+                mtime: None
+            }),
+            Err(FsError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            fs.run(Op::CommitSlices {
+                ns,
+                ino: f,
+                new_blocks: vec![],
+                slices: vec![(0, slice(0, 1, 999, 0))],
+                mtime: None
+            }),
+            Err(FsError::InvalidArgument(_))
+        ));
+        // Truncate into chunk 0 drops chunk 2 (block 13 loses one ref) and clips chunk 0.
+        fs.run(Op::SetAttr {
             ns,
             ino: f,
             mode: None,
             uid: None,
             gid: None,
-            size: Some(mb + 5),
+            size: Some(50),
             atime: None,
             mtime: None,
             ctime: None,
-        });
-        assert!(r.is_ok());
-        let (attr, refs) = get_blocks(&fs.kv, ns, f, 0, 10).unwrap();
-        assert_eq!(attr.size, mb + 5);
-        assert_eq!(refs.len(), 2);
-        assert_eq!(refs[1].1.len, 5);
-        assert_eq!(garbage(&fs.kv, 10).unwrap().len(), 2);
+        })
+        .unwrap();
+        let c = chunks(&fs, f);
+        assert_eq!(c.len(), 1);
+        assert_eq!(
+            c[0].1.slices,
+            vec![slice(0, 50, 13, 0)],
+            "the clipped newest slice hides block 12"
+        );
+        assert_eq!(garbage_ids(&fs), vec![10, 11, 12]);
         fs.run(Op::Unlink {
             ns,
             parent: ROOT_INO,
@@ -1469,8 +1854,207 @@ mod tests {
             keep_if_open: false,
         })
         .unwrap();
-        assert_eq!(garbage(&fs.kv, 10).unwrap().len(), 4);
+        assert_eq!(garbage_ids(&fs), vec![10, 11, 12, 13]);
         assert_eq!(usage(&fs.kv, ns).unwrap().bytes, 0);
+    }
+
+    #[test]
+    fn compaction_applies_only_to_the_version_it_read() {
+        let mut fs = Fs::new();
+        let ns = fs.ns;
+        let f = fs.ino(ROOT_INO, "f", S_IFREG | 0o644);
+        let mut fragmented = Vec::new();
+        for i in 0..(COMPACT_AT_SLICES as u64 + 1) {
+            let id = 100 + i;
+            fragmented = commit(
+                &mut fs,
+                f,
+                vec![new_block(id, 1)],
+                vec![(0, slice(2 * i as u32, 1, id, 0))],
+            )
+            .1;
+        }
+        assert_eq!(fragmented, vec![0]);
+        let version = chunks(&fs, f)[0].1.version;
+        let compact = |version| Op::CompactChunk {
+            ns,
+            ino: f,
+            chunk: 0,
+            version,
+            block: new_block(999, 300),
+            slices: vec![slice(0, 300, 999, 0)],
+        };
+        // Another write moved the chunk on: the compaction is refused and its block is garbage.
+        commit(&mut fs, f, vec![new_block(50, 1)], vec![(0, slice(1, 1, 50, 0))]);
+        assert_eq!(fs.run(compact(version)), Ok(Reply::Compacted { applied: false }));
+        assert!(garbage_ids(&fs).contains(&999));
+        let version = chunks(&fs, f)[0].1.version;
+        let mut op = compact(version);
+        if let Op::CompactChunk { block, slices, .. } = &mut op {
+            block.block_id = 1000;
+            slices[0].block_id = 1000;
+        }
+        assert_eq!(fs.run(op), Ok(Reply::Compacted { applied: true }));
+        assert_eq!(chunks(&fs, f)[0].1.slices, vec![slice(0, 300, 1000, 0)]);
+        let g = garbage_ids(&fs);
+        assert!((100..100 + COMPACT_AT_SLICES as u64 + 1).all(|id| g.contains(&id)) && g.contains(&50));
+    }
+
+    /// Every block a chunk refers to is in the block table with a reference
+    /// count equal to the slices that use it, and nothing else is there.
+    fn check_refs(fs: &Fs) {
+        let ns = fs.ns;
+        let mut used: BTreeMap<u64, u64> = BTreeMap::new();
+        let chunk_tag = keys::chunk_prefix(ns, 0)[..6].to_vec();
+        for (_, v) in fs.kv.scan(&chunk_tag, None, usize::MAX).unwrap() {
+            let c: ChunkRec = decode("chunk", &v).unwrap();
+            assert!(!c.slices.is_empty(), "an empty chunk record is stored");
+            for s in c.slices.iter().filter(|s| !s.is_zero()) {
+                *used.entry(s.block_id).or_insert(0) += 1;
+            }
+        }
+        let block_tag = keys::block_info(ns, 0)[..6].to_vec();
+        let mut table: BTreeMap<u64, u64> = BTreeMap::new();
+        for (k, v) in fs.kv.scan(&block_tag, None, usize::MAX).unwrap() {
+            let b: BlockInfo = decode("block", &v).unwrap();
+            table.insert(keys::be_u64_at(&k, 6).unwrap(), b.refs);
+        }
+        assert_eq!(
+            used, table,
+            "block references (left: counted from chunks, right: the block table)"
+        );
+        let g = garbage_ids(fs);
+        for id in table.keys() {
+            assert!(!g.contains(id), "block {id} is both referenced and garbage");
+        }
+    }
+
+    #[test]
+    fn block_references_stay_exact_under_random_changes() {
+        let mut fs = Fs::new();
+        let ns = fs.ns;
+        let f = fs.ino(ROOT_INO, "f", S_IFREG | 0o644);
+        let cs = 1u64 << 20;
+        let mut seed = 99u64;
+        let mut rnd = move |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n.max(1)
+        };
+        let mut next_block = 1000u64;
+        for round in 0..3000 {
+            match rnd(10) {
+                0..=5 => {
+                    // A packed block shared by a few slices in up to 3 chunks.
+                    next_block += 1;
+                    let id = next_block;
+                    let n = 1 + rnd(5);
+                    let mut slices = Vec::new();
+                    let mut off = 0u32;
+                    for _ in 0..n {
+                        let len = 1 + rnd(300_000) as u32;
+                        let pos = rnd(cs - len as u64) as u32;
+                        slices.push((rnd(3), slice(pos, len, id, off)));
+                        off += len;
+                    }
+                    commit(&mut fs, f, vec![new_block(id, off as u64)], slices);
+                }
+                6 => {
+                    let size = rnd(3 * cs);
+                    fs.run(Op::SetAttr {
+                        ns,
+                        ino: f,
+                        mode: None,
+                        uid: None,
+                        gid: None,
+                        size: Some(size),
+                        atime: None,
+                        mtime: None,
+                        ctime: None,
+                    })
+                    .unwrap();
+                }
+                7 => {
+                    let (off, len) = (rnd(3 * cs), 1 + rnd(cs));
+                    fs.run(Op::Fallocate {
+                        ns,
+                        ino: f,
+                        mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                        offset: off,
+                        len,
+                    })
+                    .unwrap();
+                }
+                _ => {
+                    // Compact a chunk into one block (content not modelled here).
+                    let cs_ = chunks(&fs, f);
+                    if let Some((index, c)) = cs_.get(rnd(cs_.len() as u64) as usize).cloned() {
+                        next_block += 1;
+                        let data = slices::data_ranges(&c.slices);
+                        let mut out = Vec::new();
+                        let mut off = 0;
+                        for (a, b) in data {
+                            out.push(slice(a, b - a, next_block, off));
+                            off += b - a;
+                        }
+                        let version = if rnd(4) == 0 { c.version + 1 } else { c.version };
+                        fs.run(Op::CompactChunk {
+                            ns,
+                            ino: f,
+                            chunk: index,
+                            version,
+                            block: new_block(next_block, off.max(1) as u64),
+                            slices: out,
+                        })
+                        .unwrap();
+                    }
+                }
+            }
+            check_refs(&fs);
+            let _ = round;
+        }
+        fs.run(Op::Unlink {
+            ns,
+            parent: ROOT_INO,
+            name: b"f".to_vec(),
+            keep_if_open: false,
+        })
+        .unwrap();
+        check_refs(&fs);
+    }
+
+    #[test]
+    fn fallocate_extends_punches_and_refuses_other_modes() {
+        let mut fs = Fs::new();
+        let ns = fs.ns;
+        let f = fs.ino(ROOT_INO, "f", S_IFREG | 0o644);
+        let fa = |fs: &mut Fs, mode, offset, len| {
+            fs.run(Op::Fallocate {
+                ns,
+                ino: f,
+                mode,
+                offset,
+                len,
+            })
+        };
+        match fa(&mut fs, 0, 100, 1000) {
+            Ok(Reply::Attr(a)) => assert_eq!(a.size, 1100),
+            other => panic!("{other:?}"),
+        }
+        match fa(&mut fs, FALLOC_FL_KEEP_SIZE, 0, 5000) {
+            Ok(Reply::Attr(a)) => assert_eq!(a.size, 1100),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(fa(&mut fs, 0x10, 0, 10), Err(FsError::NotSupported(_))));
+        assert!(matches!(fa(&mut fs, 0, 0, 0), Err(FsError::InvalidArgument(_))));
+        commit(&mut fs, f, vec![new_block(7, 1100)], vec![(0, slice(0, 1100, 7, 0))]);
+        fa(&mut fs, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 10, 20).unwrap();
+        let c = chunks(&fs, f);
+        assert_eq!(slices::data_ranges(&c[0].1.slices), vec![(0, 10), (30, 1100)]);
+        // Punching everything leaves no chunk and frees the block.
+        fa(&mut fs, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 1 << 30).unwrap();
+        assert!(chunks(&fs, f).is_empty());
+        assert_eq!(garbage_ids(&fs), vec![7]);
+        assert_eq!(fs.attr(f).size, 1100);
     }
 
     #[test]

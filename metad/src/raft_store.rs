@@ -293,34 +293,86 @@ impl KvRead for SmView {
     }
 
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
-        let start = after.unwrap_or(prefix);
-        let mut opts = rocksdb::ReadOptions::default();
-        // Bound the iterator to the prefix: without it, a scan that finds
-        // nothing keeps walking over the deletion tombstones of whatever
-        // range follows (e.g. a big directory's removed entries), which
-        // made every file deletion slower than the one before.
-        if let Some(upper) = prefix_successor(prefix) {
-            opts.set_iterate_upper_bound(upper);
-        }
-        let mut out = Vec::new();
-        let it = self
-            .db
-            .iterator_cf_opt(cf(&self.db, CF_SM), opts, IteratorMode::From(start, Direction::Forward));
-        for item in it {
-            if out.len() >= limit {
-                break;
-            }
-            let (k, v) = item.map_err(|e| KvError(e.to_string()))?;
-            if !k.starts_with(prefix) {
-                break;
-            }
-            if after.is_some_and(|a| k.as_ref() == a) {
-                continue;
-            }
-            out.push((k.into_vec(), v.into_vec()));
-        }
-        Ok(out)
+        let (opts, mode) = scan_opts(prefix, after);
+        collect_scan(
+            self.db.iterator_cf_opt(cf(&self.db, CF_SM), opts, mode),
+            prefix,
+            after,
+            limit,
+        )
     }
+}
+
+impl SmView {
+    /// A consistent view at this instant, for reads that look at several
+    /// keys (a chunk and the blocks it refers to) while commits go on.
+    pub fn snapshot(&self) -> SmSnapshot<'_> {
+        SmSnapshot {
+            db: &self.db,
+            snap: self.db.snapshot(),
+        }
+    }
+}
+
+pub struct SmSnapshot<'a> {
+    db: &'a DB,
+    snap: rocksdb::Snapshot<'a>,
+}
+
+impl KvRead for SmSnapshot<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        self.snap
+            .get_cf(cf(self.db, CF_SM), key)
+            .map_err(|e| KvError(e.to_string()))
+    }
+
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+        let (opts, mode) = scan_opts(prefix, after);
+        collect_scan(
+            self.snap.iterator_cf_opt(cf(self.db, CF_SM), opts, mode),
+            prefix,
+            after,
+            limit,
+        )
+    }
+}
+
+fn scan_opts<'k>(prefix: &'k [u8], after: Option<&'k [u8]>) -> (rocksdb::ReadOptions, IteratorMode<'k>) {
+    let start = after.unwrap_or(prefix);
+    let mut opts = rocksdb::ReadOptions::default();
+    // Bound the iterator to the prefix: without it, a scan that finds
+    // nothing keeps walking over the deletion tombstones of whatever
+    // range follows (e.g. a big directory's removed entries), which
+    // made every file deletion slower than the one before.
+    if let Some(upper) = prefix_successor(prefix) {
+        opts.set_iterate_upper_bound(upper);
+    }
+    (opts, IteratorMode::From(start, Direction::Forward))
+}
+
+type ScanItem = Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>;
+
+fn collect_scan(
+    it: impl Iterator<Item = ScanItem>,
+    prefix: &[u8],
+    after: Option<&[u8]>,
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+    let mut out = Vec::new();
+    for item in it {
+        if out.len() >= limit {
+            break;
+        }
+        let (k, v) = item.map_err(|e| KvError(e.to_string()))?;
+        if !k.starts_with(prefix) {
+            break;
+        }
+        if after.is_some_and(|a| k.as_ref() == a) {
+            continue;
+        }
+        out.push((k.into_vec(), v.into_vec()));
+    }
+    Ok(out)
 }
 
 /// The smallest key greater than every key that starts with `prefix`

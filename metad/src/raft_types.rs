@@ -62,11 +62,31 @@ pub enum TimeSet {
     At(i64),
 }
 
+pub use jfs_common::slices::Slice;
+
+/// A block as the block table keeps it: where it lives and how many slices
+/// refer to it. At zero references it moves to the garbage table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlockRec {
+pub struct BlockInfo {
+    pub len: u64,
+    pub replicas: Vec<String>,
+    pub refs: u64,
+}
+
+/// A block a client stored on blockds and now hands to metad.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewBlock {
     pub block_id: u64,
     pub len: u64,
     pub replicas: Vec<String>,
+}
+
+/// One chunk of a file: its slices, oldest first, and a version that every
+/// change bumps (compaction commits only if it is unchanged).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRec {
+    pub version: u64,
+    pub slices: Vec<Slice>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -154,12 +174,30 @@ pub enum Op {
     AllocateBlocks {
         count: u32,
     },
-    CommitWrite {
+    /// Appends slices (`(chunk index, slice)`, oldest first) and grows the
+    /// size to cover them.
+    CommitSlices {
         ns: u32,
         ino: u64,
-        blocks: Vec<(u64, BlockRec)>,
-        size: u64,
+        new_blocks: Vec<NewBlock>,
+        slices: Vec<(u64, Slice)>,
         mtime: Option<i64>,
+    },
+    /// Replaces a chunk's slices if the chunk is still at `version`.
+    CompactChunk {
+        ns: u32,
+        ino: u64,
+        chunk: u64,
+        version: u64,
+        block: NewBlock,
+        slices: Vec<Slice>,
+    },
+    Fallocate {
+        ns: u32,
+        ino: u64,
+        mode: u32,
+        offset: u64,
+        len: u64,
     },
     /// `replica` has been told to delete these blocks: drop it from their
     /// garbage entries (an entry goes once no replica is left).
@@ -184,7 +222,9 @@ impl Op {
             | SetAttr { ns, .. }
             | SetXattr { ns, .. }
             | RemoveXattr { ns, .. }
-            | CommitWrite { ns, .. } => Some(*ns),
+            | CommitSlices { ns, .. }
+            | CompactChunk { ns, .. }
+            | Fallocate { ns, .. } => Some(*ns),
             InitCluster { .. } | CreateNamespace { .. } | AllocateBlocks { .. } | ForgetGarbage { .. } => None,
         }
     }
@@ -234,6 +274,14 @@ pub enum Reply {
     BlockIds {
         first: u64,
         count: u32,
+    },
+    Committed {
+        attr: AttrRec,
+        /// Chunks left with many slices: worth compacting.
+        fragmented: Vec<u64>,
+    },
+    Compacted {
+        applied: bool,
     },
 }
 

@@ -21,7 +21,7 @@ use crate::blockd_registry::{BlockdInfo, BlockdRegistry};
 use crate::kv::KvError;
 use crate::namespace::{self, NsError};
 use crate::raft_store::SmView;
-use crate::raft_types::{AttrRec, BlockRec, Command, MetaNode, NamespaceRec, NodeId, Op, Raft, Reply, TimeSet};
+use crate::raft_types::{AttrRec, Command, MetaNode, NamespaceRec, NewBlock, NodeId, Op, Raft, Reply, Slice, TimeSet};
 
 pub struct MetaService {
     pub raft: Raft,
@@ -107,6 +107,37 @@ fn time_set(t: &Option<rpc::Timespec>, now: bool) -> Option<TimeSet> {
 /// What the kernel is told is the preferred I/O size: large, so `cp` and
 /// friends issue big writes, but not beyond FUSE's 1 MiB request size.
 const PREFERRED_IO: u32 = 1 << 20;
+
+fn slice_to_rpc(s: &Slice) -> rpc::Slice {
+    rpc::Slice {
+        pos: s.pos,
+        len: s.len,
+        block_id: s.block_id,
+        block_off: s.block_off,
+    }
+}
+
+fn slice_from_rpc(s: Option<&rpc::Slice>) -> Result<Slice, Status> {
+    let s = s.ok_or_else(|| Status::from(FsError::InvalidArgument("a chunk slice without its slice".into())))?;
+    // Overflow-proof before anything adds pos and len.
+    if s.pos.checked_add(s.len).is_none() || s.block_off.checked_add(s.len).is_none() {
+        return Err(FsError::InvalidArgument("slice position out of range".into()).into());
+    }
+    Ok(Slice {
+        pos: s.pos,
+        len: s.len,
+        block_id: s.block_id,
+        block_off: s.block_off,
+    })
+}
+
+fn block_from_rpc(b: rpc::BlockLoc) -> NewBlock {
+    NewBlock {
+        block_id: b.block_id,
+        len: b.len,
+        replicas: b.replicas,
+    }
+}
 
 fn unexpected(r: Reply) -> Status {
     FsError::Internal(format!("unexpected reply {r:?}")).into()
@@ -497,48 +528,89 @@ impl Meta for MetaService {
         }
     }
 
-    async fn get_blocks(&self, req: Request<rpc::GetBlocksRequest>) -> Rpc<rpc::GetBlocksReply> {
+    async fn get_chunks(&self, req: Request<rpc::GetChunksRequest>) -> Rpc<rpc::GetChunksReply> {
         self.linearizable().await?;
         let r = req.into_inner();
-        let count = if r.count == 0 { 1024 } else { r.count as usize };
-        let (attr, refs) = namespace::get_blocks(&self.view, r.ns, r.ino, r.first_index, count).map_err(ns_err)?;
-        let blocks = refs
-            .into_iter()
-            .map(|(index, b)| rpc::BlockRef {
-                index,
-                block_id: b.block_id,
-                len: b.len,
-                replicas: b.replicas,
-            })
-            .collect();
-        Ok(Response::new(rpc::GetBlocksReply {
+        let count = if r.count == 0 { 256 } else { r.count.min(4096) as usize };
+        let (attr, chunks, blocks) =
+            namespace::get_chunks(&self.view.snapshot(), r.ns, r.ino, r.first_index, count).map_err(ns_err)?;
+        Ok(Response::new(rpc::GetChunksReply {
             attr: Some(attr_to_rpc(&attr, PREFERRED_IO)),
-            blocks,
+            chunks: chunks
+                .into_iter()
+                .map(|(index, c)| rpc::Chunk {
+                    index,
+                    version: c.version,
+                    slices: c.slices.iter().map(slice_to_rpc).collect(),
+                })
+                .collect(),
+            blocks: blocks
+                .into_iter()
+                .map(|(block_id, b)| rpc::BlockLoc {
+                    block_id,
+                    len: b.len,
+                    replicas: b.replicas,
+                })
+                .collect(),
         }))
     }
 
-    async fn commit_write(&self, req: Request<rpc::CommitWriteRequest>) -> Rpc<rpc::AttrReply> {
+    async fn commit_slices(&self, req: Request<rpc::CommitSlicesRequest>) -> Rpc<rpc::CommitSlicesReply> {
         let r = req.into_inner();
-        let blocks = r
-            .blocks
-            .into_iter()
-            .map(|b| {
-                (
-                    b.index,
-                    BlockRec {
-                        block_id: b.block_id,
-                        len: b.len,
-                        replicas: b.replicas,
-                    },
-                )
-            })
-            .collect();
-        let op = Op::CommitWrite {
+        let slices = r
+            .slices
+            .iter()
+            .map(|cs| Ok((cs.chunk, slice_from_rpc(cs.slice.as_ref())?)))
+            .collect::<Result<Vec<_>, Status>>()?;
+        let op = Op::CommitSlices {
             ns: r.ns,
             ino: r.ino,
-            blocks,
-            size: r.size,
+            new_blocks: r.new_blocks.into_iter().map(block_from_rpc).collect(),
+            slices,
             mtime: r.mtime.map(|t| t.as_nanos() as i64),
+        };
+        match self.propose(&r.hdr, op).await? {
+            Reply::Committed { attr, fragmented } => Ok(Response::new(rpc::CommitSlicesReply {
+                attr: Some(attr_to_rpc(&attr, PREFERRED_IO)),
+                fragmented,
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn compact_chunk(&self, req: Request<rpc::CompactChunkRequest>) -> Rpc<rpc::CompactChunkReply> {
+        let r = req.into_inner();
+        let block = r
+            .block
+            .map(block_from_rpc)
+            .ok_or_else(|| Status::from(FsError::InvalidArgument("compaction without a block".into())))?;
+        let slices = r
+            .slices
+            .iter()
+            .map(|s| slice_from_rpc(Some(s)))
+            .collect::<Result<Vec<_>, Status>>()?;
+        let op = Op::CompactChunk {
+            ns: r.ns,
+            ino: r.ino,
+            chunk: r.chunk,
+            version: r.version,
+            block,
+            slices,
+        };
+        match self.propose(&r.hdr, op).await? {
+            Reply::Compacted { applied } => Ok(Response::new(rpc::CompactChunkReply { applied })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn fallocate(&self, req: Request<rpc::FallocateRequest>) -> Rpc<rpc::AttrReply> {
+        let r = req.into_inner();
+        let op = Op::Fallocate {
+            ns: r.ns,
+            ino: r.ino,
+            mode: r.mode,
+            offset: r.offset,
+            len: r.len,
         };
         let reply = self.propose(&r.hdr, op).await?;
         self.attr_reply(reply)

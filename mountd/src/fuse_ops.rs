@@ -7,8 +7,11 @@
 //! Kernel caches: entry and attribute TTLs come from the options (default
 //! 1 s). Every mutation replies with the fresh attributes metad returned, so
 //! what this mount changed is never stale here; changes by *other* clients
-//! show up after the TTL (metadata) or at the next open (data: we never set
-//! keep_cache, so the page cache is dropped at open — close-to-open).
+//! show up after the TTL (metadata) or at the next open (data: an open keeps
+//! the page cache only when the file's committed mtime, ctime and size are
+//! those its pages were read under — close-to-open). `O_DIRECT` opens
+//! bypass the page cache. A panic inside a request fails that request with
+//! EIO; the mount stays up.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -48,11 +51,29 @@ pub struct JfsFs {
     /// Set once the session exists; used to tell the kernel that the
     /// attributes it cached are stale after a commit changed them.
     notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// Per inode, the committed (mtime, ctime, size) its cached pages were
+    /// read under: an open that finds the file unchanged keeps the kernel's
+    /// page cache (FOPEN_KEEP_CACHE); any change drops it (close-to-open).
+    page_versions: Mutex<HashMap<u64, PageVersion>>,
     /// Inodes known to have no `security.capability`, until when. The
     /// kernel asks for it before every write (to drop file capabilities);
     /// without this cache each write would wait for a metad round trip.
     no_caps: Mutex<HashMap<u64, Instant>>,
 }
+
+/// What identifies the committed content of a file: every data change
+/// moves ctime (stamped by the metad leader; users cannot set it).
+type PageVersion = (i64, u32, i64, u32, u64);
+
+fn page_version(a: &Attr) -> PageVersion {
+    let t = |t: &Option<Timespec>| t.as_ref().map_or((0, 0), |t| (t.sec, t.nsec));
+    let (ms, mn) = t(&a.mtime);
+    let (cs, cn) = t(&a.ctime);
+    (ms, mn, cs, cn, a.size)
+}
+
+/// Entries kept in the page-version table before it is cleared.
+const PAGE_VERSIONS_MAX: usize = 100_000;
 
 /// The xattr the kernel asks for on every write.
 const CAPS_XATTR: &[u8] = b"security.capability";
@@ -139,7 +160,26 @@ impl JfsFs {
             dirs: Mutex::new(HashMap::new()),
             notifier,
             no_caps: Mutex::new(HashMap::new()),
+            page_versions: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// True when the pages the kernel caches for this file were read from
+    /// the same committed content that `attr` describes; records `attr` as
+    /// the version the pages are of from now on.
+    fn pages_still_valid(&self, attr: &Attr) -> bool {
+        let v = page_version(attr);
+        let mut m = lock(&self.page_versions);
+        if m.len() >= PAGE_VERSIONS_MAX {
+            m.clear();
+        }
+        m.insert(attr.ino, v) == Some(v)
+    }
+
+    /// This mount changed the file: cached pages hold the new bytes, but
+    /// the next open must not trust a version recorded before the change.
+    fn forget_page_version(&self, ino: u64) {
+        lock(&self.page_versions).remove(&ino);
     }
 
     fn caps_known_absent(&self, ino: u64) -> bool {
@@ -173,11 +213,26 @@ impl JfsFs {
             self.block(h.flush())
         };
         if committed {
+            self.forget_page_version(h.ino());
             if let Some(n) = self.notifier.get() {
                 let _ = n.inval_inode(self.fuse_ino(h.ino()), -1, 0);
             }
         }
         res.map_err(errno)
+    }
+
+    /// Runs one FUSE request. A panic fails that request alone: the reply,
+    /// dropped unsent while unwinding, answers EIO (fuser does that), and the
+    /// session and every other request carry on (DESIGN §5).
+    fn guard(&self, op: &'static str, f: impl FnOnce()) {
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!(op, panic = %msg, "a FUSE request panicked; it fails with EIO, the mount stays up");
+        }
     }
 
     fn block<F: std::future::Future>(&self, f: F) -> F::Output {
@@ -335,22 +390,26 @@ impl Filesystem for JfsFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let res = name_of(name).and_then(|n| self.block(self.client.lookup(self.ino(parent), n)).map_err(errno));
-        self.entry(reply, res);
+        self.guard("lookup", || {
+            let res = name_of(name).and_then(|n| self.block(self.client.lookup(self.ino(parent), n)).map_err(errno));
+            self.entry(reply, res);
+        })
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        // Inode numbers are jfs's own, so only the references matter: the
-        // last one frees a file that was unlinked or replaced meanwhile.
-        let (client, ino) = (self.client.clone(), self.ino(ino));
-        self.rt.spawn(async move { client.unpin(ino, nlookup).await });
+        self.guard("forget", || {
+            // Inode numbers are jfs's own, so only the references matter: the
+            // last one frees a file that was unlinked or replaced meanwhile.
+            let (client, ino) = (self.client.clone(), self.ino(ino));
+            self.rt.spawn(async move { client.unpin(ino, nlookup).await });
+        })
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<Fh>, reply: ReplyAttr) {
-        match self.block(self.client.getattr(self.ino(ino))) {
+        self.guard("getattr", || match self.block(self.client.getattr(self.ino(ino))) {
             Ok(a) => reply.attr(&self.attr_ttl, &self.file_attr(&a)),
             Err(e) => reply.error(errno_ino(e)),
-        }
+        })
     }
 
     fn setattr(
@@ -371,32 +430,34 @@ impl Filesystem for JfsFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let t = |x: Option<TimeOrNow>| {
-            x.map(|x| match x {
-                TimeOrNow::Now => TimeArg::Now,
-                TimeOrNow::SpecificTime(t) => TimeArg::At(from_time(t)),
-            })
-        };
-        let args = SetAttrArgs {
-            mode,
-            uid,
-            gid,
-            size,
-            atime: t(atime),
-            mtime: t(mtime),
-            ctime: ctime.map(from_time),
-        };
-        match self.do_setattr(self.ino(ino), args) {
-            Ok(a) => reply.attr(&self.attr_ttl, &self.file_attr(&a)),
-            Err(e) => reply.error(e),
-        }
+        self.guard("setattr", || {
+            let t = |x: Option<TimeOrNow>| {
+                x.map(|x| match x {
+                    TimeOrNow::Now => TimeArg::Now,
+                    TimeOrNow::SpecificTime(t) => TimeArg::At(from_time(t)),
+                })
+            };
+            let args = SetAttrArgs {
+                mode,
+                uid,
+                gid,
+                size,
+                atime: t(atime),
+                mtime: t(mtime),
+                ctime: ctime.map(from_time),
+            };
+            match self.do_setattr(self.ino(ino), args) {
+                Ok(a) => reply.attr(&self.attr_ttl, &self.file_attr(&a)),
+                Err(e) => reply.error(e),
+            }
+        })
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.block(self.client.readlink(self.ino(ino))) {
+        self.guard("readlink", || match self.block(self.client.readlink(self.ino(ino))) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno_ino(e)),
-        }
+        })
     }
 
     fn mknod(
@@ -409,56 +470,69 @@ impl Filesystem for JfsFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        // The kernel already applied the umask to `mode`.
-        let res = self.writable().and_then(|_| name_of(name)).and_then(|n| {
-            self.block(
-                self.client
-                    .mknod(self.ino(parent), n, mode, req.uid(), req.gid(), rdev, true),
-            )
-            .map_err(errno)
-        });
-        self.entry(reply, res);
+        self.guard("mknod", || {
+            // The kernel already applied the umask to `mode`.
+            let res = self.writable().and_then(|_| name_of(name)).and_then(|n| {
+                self.block(
+                    self.client
+                        .mknod(self.ino(parent), n, mode, req.uid(), req.gid(), rdev, true),
+                )
+                .map_err(errno)
+            });
+            self.entry(reply, res);
+        })
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        let res = self.writable().and_then(|_| name_of(name)).and_then(|n| {
-            self.block(self.client.mkdir(self.ino(parent), n, mode, req.uid(), req.gid()))
-                .map_err(errno)
-        });
-        self.entry(reply, res);
+        self.guard("mkdir", || {
+            let res = self.writable().and_then(|_| name_of(name)).and_then(|n| {
+                self.block(self.client.mkdir(self.ino(parent), n, mode, req.uid(), req.gid()))
+                    .map_err(errno)
+            });
+            self.entry(reply, res);
+        })
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let res = self
-            .writable()
-            .and_then(|_| name_of(name))
-            .and_then(|n| self.block(self.client.unlink(self.ino(parent), n)).map_err(errno));
-        match res {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.guard("unlink", || {
+            let res = self
+                .writable()
+                .and_then(|_| name_of(name))
+                .and_then(|n| self.block(self.client.unlink(self.ino(parent), n)).map_err(errno));
+            match res {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        })
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let res = self
-            .writable()
-            .and_then(|_| name_of(name))
-            .and_then(|n| self.block(self.client.rmdir(self.ino(parent), n)).map_err(errno));
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.guard("rmdir", || {
+            let res = self
+                .writable()
+                .and_then(|_| name_of(name))
+                .and_then(|n| self.block(self.client.rmdir(self.ino(parent), n)).map_err(errno));
+            match res {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        })
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let res = self.writable().and_then(|_| name_of(link_name)).and_then(|n| {
-            self.block(
-                self.client
-                    .symlink(self.ino(parent), n, target.as_os_str().as_bytes(), req.uid(), req.gid()),
-            )
-            .map_err(errno)
-        });
-        self.entry(reply, res);
+        self.guard("symlink", || {
+            let res = self.writable().and_then(|_| name_of(link_name)).and_then(|n| {
+                self.block(self.client.symlink(
+                    self.ino(parent),
+                    n,
+                    target.as_os_str().as_bytes(),
+                    req.uid(),
+                    req.gid(),
+                ))
+                .map_err(errno)
+            });
+            self.entry(reply, res);
+        })
     }
 
     fn rename(
@@ -471,54 +545,67 @@ impl Filesystem for JfsFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let res = (|| {
-            self.writable()?;
-            if flags.contains(RenameFlags::RENAME_WHITEOUT) {
-                return Err(Errno::EINVAL);
+        self.guard("rename", || {
+            let res = (|| {
+                self.writable()?;
+                if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+                    return Err(Errno::EINVAL);
+                }
+                let mut f = 0;
+                if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+                    f |= jfs_client::RENAME_NOREPLACE;
+                }
+                if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                    f |= jfs_client::RENAME_EXCHANGE;
+                }
+                let (n, nn) = (name_of(name)?, name_of(newname)?);
+                self.block(self.client.rename(self.ino(parent), n, self.ino(newparent), nn, f))
+                    .map_err(errno)
+            })();
+            match res {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(e),
             }
-            let mut f = 0;
-            if flags.contains(RenameFlags::RENAME_NOREPLACE) {
-                f |= jfs_client::RENAME_NOREPLACE;
-            }
-            if flags.contains(RenameFlags::RENAME_EXCHANGE) {
-                f |= jfs_client::RENAME_EXCHANGE;
-            }
-            let (n, nn) = (name_of(name)?, name_of(newname)?);
-            self.block(self.client.rename(self.ino(parent), n, self.ino(newparent), nn, f))
-                .map_err(errno)
-        })();
-        match res {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        })
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        let res = self.writable().and_then(|_| name_of(newname)).and_then(|n| {
-            self.block(self.client.link(self.ino(ino), self.ino(newparent), n))
-                .map_err(errno)
-        });
-        self.entry(reply, res);
+        self.guard("link", || {
+            let res = self.writable().and_then(|_| name_of(newname)).and_then(|n| {
+                self.block(self.client.link(self.ino(ino), self.ino(newparent), n))
+                    .map_err(errno)
+            });
+            self.entry(reply, res);
+        })
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if self.read_only && flags.acc_mode() != OpenAccMode::O_RDONLY {
-            return reply.error(Errno::EROFS);
-        }
-        match self.block(self.client.open_file(self.ino(ino))) {
-            Ok(h) => {
-                // Close-to-open: the kernel drops cached pages at open (no
-                // FOPEN_KEEP_CACHE), but it would still trust a cached size
-                // for up to attr_timeout and cut reads short of what another
-                // client just wrote. Mark its attributes stale; the next read
-                // fetches them again.
-                if let Some(n) = self.notifier.get() {
-                    let _ = n.inval_inode(ino, -1, 0);
-                }
-                reply.opened(self.add_handle(h), FopenFlags::empty())
+        self.guard("open", || {
+            if self.read_only && flags.acc_mode() != OpenAccMode::O_RDONLY {
+                return reply.error(Errno::EROFS);
             }
-            Err(e) => reply.error(errno_ino(e)),
-        }
+            match self.block(self.client.open_file(self.ino(ino))) {
+                Ok(h) => {
+                    // Close-to-open: the kernel would trust a cached size for
+                    // up to attr_timeout and cut reads short of what another
+                    // client just wrote. Mark its attributes stale; the next
+                    // read fetches them again.
+                    if let Some(n) = self.notifier.get() {
+                        let _ = n.inval_inode(ino, -1, 0);
+                    }
+                    let mut fopen = FopenFlags::empty();
+                    if flags.0 & libc::O_DIRECT != 0 {
+                        // O_DIRECT: no page cache for this open, every read
+                        // and write comes to us.
+                        fopen |= FopenFlags::FOPEN_DIRECT_IO;
+                    } else if self.pages_still_valid(h.attr_at_open()) {
+                        fopen |= FopenFlags::FOPEN_KEEP_CACHE;
+                    }
+                    reply.opened(self.add_handle(h), fopen)
+                }
+                Err(e) => reply.error(errno_ino(e)),
+            }
+        })
     }
 
     fn read(
@@ -532,15 +619,17 @@ impl Filesystem for JfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let t0 = std::time::Instant::now();
-        let res = self
-            .handle(fh)
-            .and_then(|h| self.block(h.read_at(offset, size as usize)).map_err(errno));
-        tracing::trace!(offset, size, us = t0.elapsed().as_micros() as u64, "read");
-        match res {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(e),
-        }
+        self.guard("read", || {
+            let t0 = std::time::Instant::now();
+            let res = self
+                .handle(fh)
+                .and_then(|h| self.block(h.read_at(offset, size as usize)).map_err(errno));
+            tracing::trace!(offset, size, us = t0.elapsed().as_micros() as u64, "read");
+            match res {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(e),
+            }
+        })
     }
 
     fn write(
@@ -555,23 +644,27 @@ impl Filesystem for JfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let t0 = std::time::Instant::now();
-        let res = self
-            .writable()
-            .and_then(|_| self.handle(fh))
-            .and_then(|h| self.block(h.write_at(offset, data)).map_err(errno));
-        tracing::trace!(offset, len = data.len(), us = t0.elapsed().as_micros() as u64, "write");
-        match res {
-            Ok(n) => reply.written(n as u32),
-            Err(e) => reply.error(e),
-        }
+        self.guard("write", || {
+            let t0 = std::time::Instant::now();
+            let res = self
+                .writable()
+                .and_then(|_| self.handle(fh))
+                .and_then(|h| self.block(h.write_at(offset, data)).map_err(errno));
+            tracing::trace!(offset, len = data.len(), us = t0.elapsed().as_micros() as u64, "write");
+            match res {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(e),
+            }
+        })
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: Fh, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        match self.handle(fh).and_then(|h| self.flush_handle(&h, false)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.guard("flush", || {
+            match self.handle(fh).and_then(|h| self.flush_handle(&h, false)) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        })
     }
 
     fn release(
@@ -584,143 +677,159 @@ impl Filesystem for JfsFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let h = lock(&self.files).remove(&fh.0);
-        match h {
-            Some(h) => match self.flush_handle(&h, true) {
-                Ok(()) => reply.ok(),
-                Err(e) => {
-                    // close(2) has already returned; flush reported it too.
-                    tracing::error!(ino = h.ino(), errno = ?e, "release: the file's last writes were not committed");
-                    reply.error(e)
-                }
-            },
-            None => reply.error(Errno::EBADF),
-        }
+        self.guard("release", || {
+            let h = lock(&self.files).remove(&fh.0);
+            match h {
+                Some(h) => match self.flush_handle(&h, true) {
+                    Ok(()) => reply.ok(),
+                    Err(e) => {
+                        // close(2) has already returned; flush reported it too.
+                        tracing::error!(ino = h.ino(), errno = ?e, "release: the file's last writes were not committed");
+                        reply.error(e)
+                    }
+                },
+                None => reply.error(Errno::EBADF),
+            }
+        })
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: Fh, _datasync: bool, reply: ReplyEmpty) {
-        match self.handle(fh).and_then(|h| self.flush_handle(&h, false)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.guard("fsync", || {
+            match self.handle(fh).and_then(|h| self.flush_handle(&h, false)) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        })
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let id = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        reply.opened(Fh(id), FopenFlags::empty());
+        self.guard("opendir", || {
+            let id = self.next_fh.fetch_add(1, Ordering::Relaxed);
+            reply.opened(Fh(id), FopenFlags::empty());
+        })
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: Fh, offset: u64, mut reply: ReplyDirectory) {
-        let dir = self.ino(ino);
-        let list = match self.dir_listing(dir, fh, offset, false) {
-            Ok(l) => l,
-            Err(e) => return reply.error(e),
-        };
-        // Offsets: 1 = ".", 2 = "..", 3.. = entries; each entry carries the
-        // offset of the one after it.
-        let mut i = offset;
-        loop {
-            let full = match i {
-                0 => reply.add(ino, 1, FileType::Directory, "."),
-                1 => reply.add(ino, 2, FileType::Directory, ".."),
-                _ => match list.get((i - 2) as usize) {
-                    Some(e) => reply.add(self.fuse_ino(e.ino), i + 1, kind_of(e.kind), OsStr::from_bytes(&e.name)),
-                    None => break,
-                },
+        self.guard("readdir", || {
+            let dir = self.ino(ino);
+            let list = match self.dir_listing(dir, fh, offset, false) {
+                Ok(l) => l,
+                Err(e) => return reply.error(e),
             };
-            if full {
-                break;
+            // Offsets: 1 = ".", 2 = "..", 3.. = entries; each entry carries the
+            // offset of the one after it.
+            let mut i = offset;
+            loop {
+                let full = match i {
+                    0 => reply.add(ino, 1, FileType::Directory, "."),
+                    1 => reply.add(ino, 2, FileType::Directory, ".."),
+                    _ => match list.get((i - 2) as usize) {
+                        Some(e) => reply.add(self.fuse_ino(e.ino), i + 1, kind_of(e.kind), OsStr::from_bytes(&e.name)),
+                        None => break,
+                    },
+                };
+                if full {
+                    break;
+                }
+                i += 1;
             }
-            i += 1;
-        }
-        reply.ok();
+            reply.ok();
+        })
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: Fh, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let dir = self.ino(ino);
-        let list = match self.dir_listing(dir, fh, offset, true) {
-            Ok(l) => l,
-            Err(e) => return reply.error(e),
-        };
-        let dot_attr = if offset < 2 {
-            match self.block(self.client.getattr(dir)) {
-                Ok(a) => Some(self.file_attr(&a)),
-                Err(e) => return reply.error(errno(e)),
-            }
-        } else {
-            None
-        };
-        let mut i = offset;
-        loop {
-            let full = match (i, &dot_attr) {
-                // The kernel makes no dentries for "." and ".."; their
-                // attributes only need to be well formed.
-                (0, Some(a)) => reply.add(ino, 1, ".", &Duration::ZERO, a, Generation(0)),
-                (1, Some(a)) => reply.add(ino, 2, "..", &Duration::ZERO, a, Generation(0)),
-                _ => match list.get((i.max(2) - 2) as usize) {
-                    Some(e) => {
-                        let Some(a) = &e.attr else {
-                            // metad sent no attributes: let the kernel look it up.
-                            i += 1;
-                            continue;
-                        };
-                        let fa = self.file_attr(a);
-                        let full = reply.add(
-                            fa.ino,
-                            i + 1,
-                            OsStr::from_bytes(&e.name),
-                            &self.entry_ttl,
-                            &fa,
-                            Generation(a.generation),
-                        );
-                        if !full {
-                            // The kernel takes a lookup reference on each entry.
-                            self.client.pin(a.ino, 1);
-                        }
-                        full
-                    }
-                    None => break,
-                },
+        self.guard("readdirplus", || {
+            let dir = self.ino(ino);
+            let list = match self.dir_listing(dir, fh, offset, true) {
+                Ok(l) => l,
+                Err(e) => return reply.error(e),
             };
-            if full {
-                break;
+            let dot_attr = if offset < 2 {
+                match self.block(self.client.getattr(dir)) {
+                    Ok(a) => Some(self.file_attr(&a)),
+                    Err(e) => return reply.error(errno(e)),
+                }
+            } else {
+                None
+            };
+            let mut i = offset;
+            loop {
+                let full = match (i, &dot_attr) {
+                    // The kernel makes no dentries for "." and ".."; their
+                    // attributes only need to be well formed.
+                    (0, Some(a)) => reply.add(ino, 1, ".", &Duration::ZERO, a, Generation(0)),
+                    (1, Some(a)) => reply.add(ino, 2, "..", &Duration::ZERO, a, Generation(0)),
+                    _ => match list.get((i.max(2) - 2) as usize) {
+                        Some(e) => {
+                            let Some(a) = &e.attr else {
+                                // metad sent no attributes: let the kernel look it up.
+                                i += 1;
+                                continue;
+                            };
+                            let fa = self.file_attr(a);
+                            let full = reply.add(
+                                fa.ino,
+                                i + 1,
+                                OsStr::from_bytes(&e.name),
+                                &self.entry_ttl,
+                                &fa,
+                                Generation(a.generation),
+                            );
+                            if !full {
+                                // The kernel takes a lookup reference on each entry.
+                                self.client.pin(a.ino, 1);
+                            }
+                            full
+                        }
+                        None => break,
+                    },
+                };
+                if full {
+                    break;
+                }
+                i += 1;
             }
-            i += 1;
-        }
-        reply.ok();
+            reply.ok();
+        })
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: Fh, _flags: OpenFlags, reply: ReplyEmpty) {
-        lock(&self.dirs).remove(&fh.0);
-        reply.ok();
+        self.guard("releasedir", || {
+            lock(&self.dirs).remove(&fh.0);
+            reply.ok();
+        })
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: Fh, _datasync: bool, reply: ReplyEmpty) {
-        // Metadata is committed (fsynced on a majority) before each reply.
-        reply.ok();
+        self.guard("fsyncdir", || {
+            // Metadata is committed (fsynced on a majority) before each reply.
+            reply.ok();
+        })
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        const FRSIZE: u64 = 4096;
-        match self.block(self.client.statfs()) {
-            Ok(s) => {
-                let blocks = s.total_bytes / FRSIZE;
-                let free = (s.free_bytes / FRSIZE).min(blocks);
-                // jfs has no inode limit; report plenty free.
-                let ffree = 1u64 << 32;
-                reply.statfs(
-                    blocks,
-                    free,
-                    free,
-                    s.inodes + ffree,
-                    ffree,
-                    IO_SIZE,
-                    NAME_MAX as u32,
-                    FRSIZE as u32,
-                )
+        self.guard("statfs", || {
+            const FRSIZE: u64 = 4096;
+            match self.block(self.client.statfs()) {
+                Ok(s) => {
+                    let blocks = s.total_bytes / FRSIZE;
+                    let free = (s.free_bytes / FRSIZE).min(blocks);
+                    // jfs has no inode limit; report plenty free.
+                    let ffree = 1u64 << 32;
+                    reply.statfs(
+                        blocks,
+                        free,
+                        free,
+                        s.inodes + ffree,
+                        ffree,
+                        IO_SIZE,
+                        NAME_MAX as u32,
+                        FRSIZE as u32,
+                    )
+                }
+                Err(e) => reply.error(errno(e)),
             }
-            Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn setxattr(
@@ -733,46 +842,50 @@ impl Filesystem for JfsFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let res = (|| {
-            self.writable()?;
-            let name = name.as_bytes();
-            if name.starts_with(b"system.posix_acl_") {
-                // ACLs are not enforced by jfs; storing them would pretend they are.
-                return Err(Errno::EOPNOTSUPP);
+        self.guard("setxattr", || {
+            let res = (|| {
+                self.writable()?;
+                let name = name.as_bytes();
+                if name.starts_with(b"system.posix_acl_") {
+                    // ACLs are not enforced by jfs; storing them would pretend they are.
+                    return Err(Errno::EOPNOTSUPP);
+                }
+                lock(&self.no_caps).remove(&self.ino(ino));
+                self.block(self.client.setxattr(self.ino(ino), name, value, flags as u32))
+                    .map_err(errno)
+            })();
+            match res {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(e),
             }
-            lock(&self.no_caps).remove(&self.ino(ino));
-            self.block(self.client.setxattr(self.ino(ino), name, value, flags as u32))
-                .map_err(errno)
-        })();
-        match res {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        })
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let name = name.as_bytes();
-        if name.starts_with(b"system.posix_acl_") {
-            return reply.error(Errno::ENODATA);
-        }
-        let ino = self.ino(ino);
-        let caps = name == CAPS_XATTR;
-        if caps && self.caps_known_absent(ino) {
-            return reply.error(Errno::ENODATA);
-        }
-        match self.block(self.client.getxattr(ino, name)) {
-            Ok(v) => xattr_reply(reply, size, &v),
-            Err(e) => {
-                if caps && e == FsError::NoAttribute {
-                    self.note_caps_absent(ino);
-                }
-                reply.error(errno_ino(e))
+        self.guard("getxattr", || {
+            let name = name.as_bytes();
+            if name.starts_with(b"system.posix_acl_") {
+                return reply.error(Errno::ENODATA);
             }
-        }
+            let ino = self.ino(ino);
+            let caps = name == CAPS_XATTR;
+            if caps && self.caps_known_absent(ino) {
+                return reply.error(Errno::ENODATA);
+            }
+            match self.block(self.client.getxattr(ino, name)) {
+                Ok(v) => xattr_reply(reply, size, &v),
+                Err(e) => {
+                    if caps && e == FsError::NoAttribute {
+                        self.note_caps_absent(ino);
+                    }
+                    reply.error(errno_ino(e))
+                }
+            }
+        })
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.block(self.client.listxattr(self.ino(ino))) {
+        self.guard("listxattr", || match self.block(self.client.listxattr(self.ino(ino))) {
             Ok(names) => {
                 let mut buf = Vec::new();
                 for n in names {
@@ -782,32 +895,36 @@ impl Filesystem for JfsFs {
                 xattr_reply(reply, size, &buf)
             }
             Err(e) => reply.error(errno_ino(e)),
-        }
+        })
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let res = self.writable().and_then(|_| {
-            self.block(self.client.removexattr(self.ino(ino), name.as_bytes()))
-                .map_err(errno)
-        });
-        match res {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.guard("removexattr", || {
+            let res = self.writable().and_then(|_| {
+                self.block(self.client.removexattr(self.ino(ino), name.as_bytes()))
+                    .map_err(errno)
+            });
+            match res {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        })
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        if self.read_only && mask.contains(AccessFlags::W_OK) {
-            return reply.error(Errno::EROFS);
-        }
-        let res = self
-            .block(self.client.getattr(self.ino(ino)))
-            .map_err(errno_ino)
-            .and_then(|a| Self::check_access(req, &a, mask));
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.guard("access", || {
+            if self.read_only && mask.contains(AccessFlags::W_OK) {
+                return reply.error(Errno::EROFS);
+            }
+            let res = self
+                .block(self.client.getattr(self.ino(ino)))
+                .map_err(errno_ino)
+                .and_then(|a| Self::check_access(req, &a, mask));
+            match res {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        })
     }
 
     fn create(
@@ -820,48 +937,50 @@ impl Filesystem for JfsFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let res = (|| {
-            self.writable()?;
-            let n = name_of(name)?;
-            let exclusive = flags & libc::O_EXCL != 0;
-            let attr = self
-                .block(self.client.mknod(
-                    self.ino(parent),
-                    n,
-                    S_IFREG | (mode & 0o7777),
-                    req.uid(),
-                    req.gid(),
-                    0,
-                    exclusive,
-                ))
-                .map_err(errno)?;
-            let h = self.block(self.client.open_created(&attr)).map_err(errno)?;
-            let attr = if flags & libc::O_TRUNC != 0 && attr.size > 0 {
-                // An existing file came back (not O_EXCL) and O_TRUNC asks to empty it.
-                let args = SetAttrArgs {
-                    size: Some(0),
-                    ..Default::default()
+        self.guard("create", || {
+            let res = (|| {
+                self.writable()?;
+                let n = name_of(name)?;
+                let exclusive = flags & libc::O_EXCL != 0;
+                let attr = self
+                    .block(self.client.mknod(
+                        self.ino(parent),
+                        n,
+                        S_IFREG | (mode & 0o7777),
+                        req.uid(),
+                        req.gid(),
+                        0,
+                        exclusive,
+                    ))
+                    .map_err(errno)?;
+                let h = self.block(self.client.open_created(&attr)).map_err(errno)?;
+                let attr = if flags & libc::O_TRUNC != 0 && attr.size > 0 {
+                    // An existing file came back (not O_EXCL) and O_TRUNC asks to empty it.
+                    let args = SetAttrArgs {
+                        size: Some(0),
+                        ..Default::default()
+                    };
+                    self.block(self.client.setattr(attr.ino, args)).map_err(errno)?
+                } else {
+                    attr
                 };
-                self.block(self.client.setattr(attr.ino, args)).map_err(errno)?
-            } else {
-                attr
-            };
-            Ok((attr, h))
-        })();
-        match res {
-            Ok((a, h)) => {
-                let fh = self.add_handle(h);
-                self.client.pin(a.ino, 1);
-                reply.created(
-                    &self.entry_ttl,
-                    &self.file_attr(&a),
-                    Generation(a.generation),
-                    fh,
-                    FopenFlags::empty(),
-                )
+                Ok((attr, h))
+            })();
+            match res {
+                Ok((a, h)) => {
+                    let fh = self.add_handle(h);
+                    self.client.pin(a.ino, 1);
+                    reply.created(
+                        &self.entry_ttl,
+                        &self.file_attr(&a),
+                        Generation(a.generation),
+                        fh,
+                        FopenFlags::empty(),
+                    )
+                }
+                Err(e) => reply.error(e),
             }
-            Err(e) => reply.error(e),
-        }
+        })
     }
 
     fn ioctl(
@@ -875,13 +994,32 @@ impl Filesystem for JfsFs {
         _out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
-        // isatty() and friends ask this of every file; jfs files have no ioctls.
-        reply.error(Errno::ENOTTY);
+        self.guard("ioctl", || {
+            // isatty() and friends ask this of every file; jfs files have no ioctls.
+            reply.error(Errno::ENOTTY);
+        })
     }
 
-    fn lseek(&self, _req: &Request, _ino: INodeNo, _fh: Fh, _offset: i64, _whence: i32, reply: fuser::ReplyLseek) {
-        // ENOSYS makes the kernel seek by itself from now on (no SEEK_HOLE support).
-        reply.error(Errno::ENOSYS);
+    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: Fh, offset: i64, whence: i32, reply: fuser::ReplyLseek) {
+        self.guard("lseek", || {
+            // The kernel handles SEEK_SET/CUR/END itself; we get the rest.
+            let data = match whence {
+                libc::SEEK_DATA => true,
+                libc::SEEK_HOLE => false,
+                _ => return reply.error(Errno::EINVAL),
+            };
+            if offset < 0 {
+                return reply.error(Errno::ENXIO);
+            }
+            let res = self
+                .handle(fh)
+                .and_then(|h| self.block(h.seek_data_hole(offset as u64, data)).map_err(errno));
+            match res {
+                Ok(Some(o)) => reply.offset(o as i64),
+                Ok(None) => reply.error(Errno::ENXIO),
+                Err(e) => reply.error(e),
+            }
+        })
     }
 
     fn copy_file_range(
@@ -897,21 +1035,27 @@ impl Filesystem for JfsFs {
         _flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        // ENOSYS makes the kernel fall back to read + write.
-        reply.error(Errno::ENOSYS);
+        self.guard("copy_file_range", || {
+            // ENOSYS makes the kernel fall back to read + write.
+            reply.error(Errno::ENOSYS);
+        })
     }
 
-    fn fallocate(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: Fh,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(Errno::EOPNOTSUPP);
+    fn fallocate(&self, _req: &Request, ino: INodeNo, _fh: Fh, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        self.guard("fallocate", || {
+            let res = self.writable().and_then(|_| {
+                let ino = self.ino(ino);
+                self.forget_page_version(ino);
+                self.block(self.client.fallocate(ino, mode as u32, offset, length))
+                    .map_err(errno)
+            });
+            // The kernel drops its cached pages of a punched range itself
+            // once we answer, and sets the size for mode 0.
+            match res {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        })
     }
 }
 

@@ -1223,3 +1223,216 @@ pub fn last_errno() -> i32 {
     // SAFETY: reading the thread-local errno.
     unsafe { *libc::__errno_location() }
 }
+
+// ------------------------------------------------------------------ added for the data-path tests
+
+/// A namespace's block (= chunk) size and replication, as
+/// `jfs admin list-namespaces` reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    pub block_size: u64,
+    pub replication: u64,
+}
+
+impl Cluster {
+    /// Block size and replication of namespace `name` (`jfs admin
+    /// list-namespaces`, whose rows read `NAME ID BLOCK-SIZE REPLICATION MODE`).
+    pub fn namespace_info(&self, name: &str) -> NamespaceInfo {
+        let conf = s(&self.conf());
+        let out = self.jfs_ok(&["--conf", &conf, "admin", "list-namespaces"]);
+        let row: Vec<&str> = out
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.first() == Some(&name))
+            .unwrap_or_else(|| panic!("no row for namespace {name:?} in `jfs admin list-namespaces`:\n{out}"));
+        let num = |i: usize, what: &str| -> u64 {
+            row.get(i)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("cannot read the {what} of {name:?} (column {i}) from:\n{out}"))
+        };
+        NamespaceInfo {
+            block_size: num(2, "block size"),
+            replication: num(3, "replication"),
+        }
+    }
+
+    /// Data directories of the cluster's blockds (STATE/blockd1..3).
+    pub fn blockd_dirs(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(&self.state)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        p.is_dir()
+                            && p.file_name()
+                                .and_then(OsStr::to_str)
+                                .is_some_and(|n| n.starts_with("blockd"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Total size and number of the block files (`*.blk`) under every
+    /// blockd data directory: the space the cluster's file data occupies.
+    pub fn block_file_bytes(&self) -> (u64, u64) {
+        let (mut bytes, mut count) = (0u64, 0u64);
+        let mut stack = self.blockd_dirs();
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = fs::read_dir(&d) else { continue };
+            for e in rd.flatten() {
+                let Ok(m) = fs::symlink_metadata(e.path()) else {
+                    continue;
+                };
+                if m.is_dir() {
+                    stack.push(e.path());
+                } else if m.is_file() && e.path().extension() == Some(OsStr::new("blk")) {
+                    bytes += m.len();
+                    count += 1;
+                }
+            }
+        }
+        (bytes, count)
+    }
+}
+
+/// Closes `f` and returns what close(2) returned: on FUSE the flush of
+/// buffered writes happens here, and dropping a `File` would hide its error.
+pub fn close_checked(f: File) -> io::Result<()> {
+    use std::os::unix::io::IntoRawFd;
+    let fd = f.into_raw_fd();
+    // SAFETY: we own fd (into_raw_fd gave it up) and close it exactly once.
+    check(unsafe { libc::close(fd) }).map(|_| ())
+}
+
+/// fallocate(2) on an open file.
+pub fn fallocate(f: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on an fd we own.
+    check(unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) }).map(|_| ())
+}
+
+/// lseek(2) with any `whence` (SEEK_DATA / SEEK_HOLE included).
+pub fn lseek(f: &File, offset: i64, whence: i32) -> io::Result<i64> {
+    // SAFETY: plain syscall on an fd we own.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), offset as libc::off_t, whence) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as i64)
+    }
+}
+
+/// Reads `len` bytes at `offset` (fewer only at end of file), looping over
+/// short reads as read(2) allows; errors are returned, not retried.
+pub fn pread_full(f: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    let mut n = 0;
+    while n < len {
+        match f.read_at(&mut buf[n..], offset + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// None if `got == want`, else a description of the first difference
+/// (offset, the bytes there, and the lengths) for an assertion message.
+pub fn describe_difference(want: &[u8], got: &[u8]) -> Option<String> {
+    if want == got {
+        return None;
+    }
+    let n = want.len().min(got.len());
+    let at = (0..n).find(|&i| want[i] != got[i]);
+    Some(match at {
+        Some(i) => {
+            let end = (i..n).find(|&j| want[j] == got[j]).unwrap_or(n);
+            let show = |v: &[u8]| {
+                v[i..(i + 16).min(v.len())]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            };
+            format!(
+                "lengths {} (expected) and {} (got); first difference at byte {i} (the differing run ends at {end}): \
+                 expected {}.., got {}..",
+                want.len(),
+                got.len(),
+                show(want),
+                show(got)
+            )
+        }
+        None => format!(
+            "the first {n} bytes agree but the lengths differ: expected {}, got {}",
+            want.len(),
+            got.len()
+        ),
+    })
+}
+
+/// A small deterministic PRNG (splitmix64) for randomized tests.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        assert!(n > 0, "Rng::below(0)");
+        self.next_u64() % n
+    }
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+    /// True with probability `percent`/100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// The seed of a randomized test: `$JFS_TEST_SEED` if set, else derived from
+/// the clock. Printed, so a failure can be replayed with JFS_TEST_SEED=<seed>.
+pub fn test_seed(what: &str) -> u64 {
+    let seed = match std::env::var("JFS_TEST_SEED") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("JFS_TEST_SEED={v:?} is not a decimal u64")),
+        Err(_) => splitmix(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+                ^ std::process::id() as u64,
+        ),
+    };
+    eprintln!("{what}: seed {seed} (replay with JFS_TEST_SEED={seed})");
+    seed
+}
+
+/// A count from the environment (e.g. the number of operations of a stress
+/// test), or `default`.
+pub fn env_count(var: &str, default: u64) -> u64 {
+    match std::env::var(var) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{var}={v:?} is not a decimal number")),
+        Err(_) => default,
+    }
+}

@@ -205,12 +205,7 @@ fn checked_slice(s: &rpc::Slice, chunk_size: u64) -> FsResult<Slice> {
             s.pos, s.len
         )));
     }
-    Ok(Slice {
-        pos: s.pos,
-        len: s.len,
-        block_id: s.block_id,
-        block_off: s.block_off,
-    })
+    Ok(s.into())
 }
 
 /// Where the bytes of one piece of a read come from.
@@ -599,12 +594,7 @@ impl OpenInode {
             .iter()
             .map(|(chunk, s)| rpc::ChunkSlice {
                 chunk: *chunk,
-                slice: Some(rpc::Slice {
-                    pos: s.pos,
-                    len: s.len,
-                    block_id: s.block_id,
-                    block_off: s.block_off,
-                }),
+                slice: Some((*s).into()),
             })
             .collect();
         let reply = client
@@ -1212,15 +1202,7 @@ pub(crate) async fn compact_chunk(client: &Client, ino: u64, index: u64) -> FsRe
         replicas: ab.replicas,
     };
     let ns = client.ns_id();
-    let wire: Vec<rpc::Slice> = out
-        .iter()
-        .map(|s| rpc::Slice {
-            pos: s.pos,
-            len: s.len,
-            block_id: s.block_id,
-            block_off: s.block_off,
-        })
-        .collect();
+    let wire: Vec<rpc::Slice> = out.iter().map(|s| (*s).into()).collect();
     let reply = client
         .meta()
         .call_mut(|mut c, hdr| {

@@ -37,6 +37,29 @@ impl Slice {
     }
 }
 
+impl From<Slice> for crate::rpc::Slice {
+    fn from(s: Slice) -> Self {
+        crate::rpc::Slice {
+            pos: s.pos,
+            len: s.len,
+            block_id: s.block_id,
+            block_off: s.block_off,
+        }
+    }
+}
+
+/// As received: the receiver checks that it fits its chunk and block.
+impl From<&crate::rpc::Slice> for Slice {
+    fn from(s: &crate::rpc::Slice) -> Self {
+        Slice {
+            pos: s.pos,
+            len: s.len,
+            block_id: s.block_id,
+            block_off: s.block_off,
+        }
+    }
+}
+
 /// A visible piece of a chunk: `[pos, pos + len)` comes from `block_id` at
 /// `block_off` (zeros when `block_id` is 0); `slice` is the index of the
 /// slice it belongs to.
@@ -219,6 +242,15 @@ mod tests {
         }
     }
 
+    fn sl(pos: u32, len: u32, block_id: u64, block_off: u32) -> Slice {
+        Slice {
+            pos,
+            len,
+            block_id,
+            block_off,
+        }
+    }
+
     /// Block content: byte `i` of block `id` is a function of both.
     fn block_byte(id: u64, i: u32) -> u8 {
         (id.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8 + 1
@@ -240,26 +272,7 @@ mod tests {
 
     #[test]
     fn newest_slice_wins_and_gaps_are_holes() {
-        let s = [
-            Slice {
-                pos: 0,
-                len: 10,
-                block_id: 1,
-                block_off: 0,
-            },
-            Slice {
-                pos: 5,
-                len: 3,
-                block_id: 2,
-                block_off: 100,
-            },
-            Slice {
-                pos: 20,
-                len: 5,
-                block_id: 3,
-                block_off: 0,
-            },
-        ];
+        let s = [sl(0, 10, 1, 0), sl(5, 3, 2, 100), sl(20, 5, 3, 0)];
         let e = resolve(&s);
         let spans: Vec<(u32, u32, u64, u32)> = e.iter().map(|e| (e.pos, e.len, e.block_id, e.block_off)).collect();
         assert_eq!(spans, vec![(0, 5, 1, 0), (5, 3, 2, 100), (8, 2, 1, 8), (20, 5, 3, 0)]);
@@ -269,30 +282,10 @@ mod tests {
     #[test]
     fn hidden_and_useless_zero_slices_are_pruned() {
         let s = [
-            Slice {
-                pos: 0,
-                len: 10,
-                block_id: 1,
-                block_off: 0,
-            },
-            Slice {
-                pos: 0,
-                len: 10,
-                block_id: ZERO_BLOCK,
-                block_off: 0,
-            },
-            Slice {
-                pos: 50,
-                len: 10,
-                block_id: ZERO_BLOCK,
-                block_off: 0,
-            },
-            Slice {
-                pos: 2,
-                len: 2,
-                block_id: 2,
-                block_off: 0,
-            },
+            sl(0, 10, 1, 0),
+            sl(0, 10, ZERO_BLOCK, 0),
+            sl(50, 10, ZERO_BLOCK, 0),
+            sl(2, 2, 2, 0),
         ];
         // Slice 0 is hidden by the punch; the punch then hides nothing kept;
         // the punch at 50 never hid anything.
@@ -301,26 +294,7 @@ mod tests {
 
     #[test]
     fn clip_cuts_and_drops() {
-        let s = [
-            Slice {
-                pos: 0,
-                len: 10,
-                block_id: 1,
-                block_off: 0,
-            },
-            Slice {
-                pos: 8,
-                len: 10,
-                block_id: 2,
-                block_off: 4,
-            },
-            Slice {
-                pos: 12,
-                len: 1,
-                block_id: 3,
-                block_off: 0,
-            },
-        ];
+        let s = [sl(0, 10, 1, 0), sl(8, 10, 2, 4), sl(12, 1, 3, 0)];
         let (k, d) = clip(&s, 12);
         assert_eq!(
             k[1],

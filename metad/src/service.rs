@@ -108,27 +108,13 @@ fn time_set(t: &Option<rpc::Timespec>, now: bool) -> Option<TimeSet> {
 /// friends issue big writes, but not beyond FUSE's 1 MiB request size.
 const PREFERRED_IO: u32 = 1 << 20;
 
-fn slice_to_rpc(s: &Slice) -> rpc::Slice {
-    rpc::Slice {
-        pos: s.pos,
-        len: s.len,
-        block_id: s.block_id,
-        block_off: s.block_off,
-    }
-}
-
 fn slice_from_rpc(s: Option<&rpc::Slice>) -> Result<Slice, Status> {
     let s = s.ok_or_else(|| Status::from(FsError::InvalidArgument("a chunk slice without its slice".into())))?;
     // Overflow-proof before anything adds pos and len.
     if s.pos.checked_add(s.len).is_none() || s.block_off.checked_add(s.len).is_none() {
         return Err(FsError::InvalidArgument("slice position out of range".into()).into());
     }
-    Ok(Slice {
-        pos: s.pos,
-        len: s.len,
-        block_id: s.block_id,
-        block_off: s.block_off,
-    })
+    Ok(s.into())
 }
 
 fn block_from_rpc(b: rpc::BlockLoc) -> NewBlock {
@@ -541,7 +527,7 @@ impl Meta for MetaService {
                 .map(|(index, c)| rpc::Chunk {
                     index,
                     version: c.version,
-                    slices: c.slices.iter().map(slice_to_rpc).collect(),
+                    slices: c.slices.iter().map(|s| (*s).into()).collect(),
                 })
                 .collect(),
             blocks: blocks

@@ -55,6 +55,9 @@ pub struct JfsFs {
     /// read under: an open that finds the file unchanged keeps the kernel's
     /// page cache (FOPEN_KEEP_CACHE); any change drops it (close-to-open).
     page_versions: Mutex<HashMap<u64, PageVersion>>,
+    /// Fault injection for the tests (`JFS_TEST_PANIC_NAME`): a lookup of
+    /// this name panics, to prove one failing request leaves the mount up.
+    panic_name: Option<Vec<u8>>,
     /// Inodes known to have no `security.capability`, until when. The
     /// kernel asks for it before every write (to drop file capabilities);
     /// without this cache each write would wait for a metad round trip.
@@ -161,6 +164,7 @@ impl JfsFs {
             notifier,
             no_caps: Mutex::new(HashMap::new()),
             page_versions: Mutex::new(HashMap::new()),
+            panic_name: std::env::var_os("JFS_TEST_PANIC_NAME").map(|n| n.as_bytes().to_vec()),
         }
     }
 
@@ -391,6 +395,9 @@ impl Filesystem for JfsFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.guard("lookup", || {
+            if self.panic_name.as_deref() == Some(name.as_bytes()) {
+                panic!("lookup of {name:?}: panic requested by JFS_TEST_PANIC_NAME");
+            }
             let res = name_of(name).and_then(|n| self.block(self.client.lookup(self.ino(parent), n)).map_err(errno));
             self.entry(reply, res);
         })

@@ -631,6 +631,12 @@ impl Cluster {
     /// Mounts namespace `default` a second time (a separate jfs-mountd with
     /// its own caches), with extra `-o` options if `opts` is not empty.
     pub fn mount_second(&self, opts: &str) -> Mount {
+        self.mount_second_with_env(opts, &[])
+    }
+
+    /// [`Cluster::mount_second`] with extra environment variables for the
+    /// jfs-mountd process (e.g. its fault-injection knobs).
+    pub fn mount_second_with_env(&self, opts: &str, env: &[(&str, &str)]) -> Mount {
         let n = self.extra.fetch_add(1, Ordering::Relaxed) + 2;
         let path = self.root.join(format!("mnt{n}"));
         fs::create_dir_all(&path).expect("create second mount point");
@@ -646,6 +652,7 @@ impl Cluster {
             .stdout(Stdio::from(log.try_clone().expect("dup log")))
             .stderr(Stdio::from(log))
             .env("RUST_BACKTRACE", "1")
+            .envs(env.iter().copied())
             .process_group(0);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         let mut m = Mount {

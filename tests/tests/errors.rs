@@ -480,6 +480,38 @@ fn eacces_for_a_non_root_user_on_the_mount_jfs_local_up_makes() {
 /// Every block is verified against its checksum on read: with one replica
 /// and its bytes flipped on the blockd's disk, reading fails with EIO
 /// instead of returning wrong data.
+/// A request that panics inside jfs-mountd fails alone, with EIO; the FUSE
+/// session keeps serving every other request (DESIGN §5). The panic is
+/// real: the mountd's fault-injection knob makes a lookup of one name panic.
+#[test]
+fn a_panicking_request_fails_with_eio_and_the_mount_stays_up() {
+    let c = Cluster::start();
+    let m = c.mount_second_with_env("", &[("JFS_TEST_PANIC_NAME", "boom")]);
+    write_file(&m.path("before"), b"written before the panic");
+    for round in 0..3 {
+        assert_errno(
+            fs::metadata(m.path("boom")),
+            libc::EIO,
+            &format!("stat of the panicking name, round {round}"),
+        );
+        let data =
+            fs::read(m.path("before")).unwrap_or_else(|e| panic!("read after panic {round}: {e}\n{}", m.log_text()));
+        assert_eq!(data, b"written before the panic", "round {round}");
+        write_file(&m.path(format!("after{round}")), b"still writable");
+    }
+    let names: Vec<String> = fs::read_dir(m.path(""))
+        .expect("list the mount after the panics")
+        .map(|e| e.expect("dir entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 4, "entries after the panics: {names:?}");
+    assert!(
+        m.log_text().contains("a FUSE request panicked"),
+        "the panic is logged:\n{}",
+        m.log_text()
+    );
+    m.unmount();
+}
+
 #[test]
 fn eio_when_the_only_replica_of_a_block_is_corrupt() {
     let c = Cluster::start();

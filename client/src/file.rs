@@ -124,6 +124,12 @@ struct State {
     size: u64,
     /// Size metad has (as last seen or committed by us).
     server_size: u64,
+    /// ctime of the metad answer `server_size` came from. Answers to
+    /// concurrent requests of this process (a commit, a truncate, an open)
+    /// arrive in any order; only a newer one may change the size, or a
+    /// stale answer would shrink it under the kernel's feet (an mmap read
+    /// then gets SIGBUS).
+    server_ctime: i128,
     /// Committed chunks by index (complete for every window in `windows`,
     /// except chunks in `stale`).
     chunks: HashMap<u64, ChunkView>,
@@ -146,6 +152,23 @@ struct State {
 }
 
 impl State {
+    /// Takes size from a metad answer unless a newer answer is already
+    /// known; true when taken.
+    fn observe(&mut self, attr: &Attr) -> bool {
+        let ctime = attr.ctime.as_ref().map_or(0, |t| t.as_nanos());
+        if ctime < self.server_ctime {
+            return false;
+        }
+        self.server_ctime = ctime;
+        self.server_size = attr.size;
+        self.size = if self.has_unflushed() {
+            self.size.max(attr.size)
+        } else {
+            attr.size
+        };
+        true
+    }
+
     fn has_unflushed(&self) -> bool {
         !self.dirty.is_empty() || !self.batches.is_empty()
     }
@@ -246,18 +269,23 @@ impl OpenInode {
 
     /// metad changed the file's size or chunks behind our back (truncate,
     /// fallocate after our flush): forget the chunk map, keep the new size.
-    pub(crate) fn reset_map(&self, size: u64) {
+    pub(crate) fn reset_map(&self, attr: &Attr) {
         let cs = self.chunk_size;
         let mut st = lock(&self.state);
-        st.size = size;
-        st.server_size = size;
         st.chunks.clear();
         st.windows.clear();
         st.stale.clear();
         st.blocks.clear();
         st.epoch += 1;
-        // Writes buffered after the flush that preceded the change stay,
-        // cut to the new size.
+        if !st.observe(attr) {
+            // A newer answer (a commit of ours) already set the size.
+            return;
+        }
+        let size = attr.size;
+        // A truncate cuts what this process still buffers, too: writes
+        // buffered after the flush that preceded it stay, cut to the new
+        // size.
+        st.size = size;
         let mut freed = 0;
         st.dirty.retain(|&idx, d| {
             let keep = size.saturating_sub(idx * cs).min(cs) as u32;
@@ -648,14 +676,7 @@ impl OpenInode {
                 st.batches.remove(&seq);
             }
             st.epoch += 1;
-            // Chunks past the old server size are now known only if we
-            // saw all of their slices: ours.
-            st.server_size = st.server_size.max(attr.size);
-            st.size = if st.has_unflushed() {
-                st.size.max(attr.size)
-            } else {
-                attr.size
-            };
+            st.observe(&attr);
         }
         if !reply.fragmented.is_empty() {
             client.compact_later(ino, reply.fragmented);
@@ -817,12 +838,7 @@ fn install(
     st.stale.clear();
     st.windows = HashSet::from([0]);
     st.learn(chunks, blocks, f.chunk_size)?;
-    st.size = if st.has_unflushed() {
-        st.size.max(attr.size)
-    } else {
-        attr.size
-    };
-    st.server_size = attr.size;
+    st.observe(attr);
     Ok(())
 }
 

@@ -507,7 +507,7 @@ impl Client {
             .await?;
         let attr = attr_of(reply.attr)?;
         if let (Some(f), Some(_)) = (&open, args.size) {
-            f.reset_map(attr.size);
+            f.reset_map(&attr);
         }
         Ok(self.local_view(attr))
     }
@@ -617,7 +617,7 @@ impl Client {
             .await?;
         let attr = attr_of(reply.attr)?;
         if let Some(f) = &open {
-            f.reset_map(attr.size);
+            f.reset_map(&attr);
         }
         Ok(self.local_view(attr))
     }

@@ -131,6 +131,23 @@ struct Pin {
     count: u64,
     /// metad keeps the inode as an orphan for us; release it at the end.
     orphan: bool,
+    /// The newest (by ctime) metad attributes handed out for the inode.
+    newest: Option<Attr>,
+}
+
+fn ctime_of(a: &Attr) -> i128 {
+    a.ctime.as_ref().map_or(0, |t| t.as_nanos())
+}
+
+/// `attr`, or the newer answer `p` already has; remembers the newest.
+fn newest(p: &mut Pin, attr: Attr) -> Attr {
+    match &p.newest {
+        Some(n) if ctime_of(n) > ctime_of(&attr) => n.clone(),
+        _ => {
+            p.newest = Some(attr.clone());
+            attr
+        }
+    }
 }
 
 impl Client {
@@ -390,7 +407,10 @@ impl Client {
     /// data stays readable through the open handles until the last release.
     pub async fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<rpc::UnlinkReply> {
         check_name(name)?;
-        let keep_if_open = self.has_open_files();
+        // An open racing with the unlink (through a reference taken before
+        // it) must find the file still there, as on a local file system:
+        // keep it while anything of ours may refer to it.
+        let keep_if_open = self.has_open_files() || !lock(&self.inner.pins).is_empty();
         let (ns, name) = (self.ns_id(), name.to_vec());
         let reply = self
             .meta()
@@ -663,13 +683,59 @@ impl Client {
 
     // ------------------------------------------------------------ internals
 
-    fn local_view(&self, mut attr: Attr) -> Attr {
-        if attr.mode & rpc::S_IFMT == rpc::S_IFREG {
-            if let Some(size) = self.local_size(attr.ino) {
-                attr.size = size;
+    /// metad's answer as this process sees it: sizes grown by writes it
+    /// has not committed yet, and never older than an answer already handed
+    /// out for a pinned inode (answers to concurrent requests arrive in any
+    /// order; ctime only moves forward in metad).
+    fn local_view(&self, attr: Attr) -> Attr {
+        let local = self.local_size_of(&attr);
+        let mut attr = {
+            let mut pins = lock(&self.inner.pins);
+            match pins.get_mut(&attr.ino) {
+                Some(p) => newest(p, attr),
+                None => attr,
             }
+        };
+        if let Some(size) = local {
+            attr.size = size;
         }
         attr
+    }
+
+    fn local_size_of(&self, attr: &Attr) -> Option<u64> {
+        if attr.mode & rpc::S_IFMT == rpc::S_IFREG {
+            self.local_size(attr.ino)
+        } else {
+            None
+        }
+    }
+
+    /// Takes `n` references on `attr.ino` (as [`Client::pin`]) and calls
+    /// `send` with the attributes to give the caller's consumer, all under
+    /// one lock, so that no older answer for the inode can overtake a newer
+    /// one on the way out. For mountd: the kernel applies the attributes of
+    /// a CREATE or LINK reply unconditionally (it orders only lookups and
+    /// getattrs against its own changes), so a stale size there would cut
+    /// the page cache under a live mmap (SIGBUS).
+    pub fn hand_out<T>(&self, attr: Attr, n: u64, send: impl FnOnce(&Attr) -> T) -> T {
+        let local = self.local_size_of(&attr);
+        let mut pins = lock(&self.inner.pins);
+        let mut attr = attr;
+        if let Some(p) = pins.get_mut(&attr.ino) {
+            // `attr` went through local_view, which remembered it if newer.
+            if let Some(newer) = p.newest.as_ref().filter(|n| ctime_of(n) > ctime_of(&attr)) {
+                attr = newer.clone();
+                if let Some(size) = local {
+                    attr.size = size;
+                }
+            }
+        }
+        if n > 0 {
+            let p = pins.entry(attr.ino).or_default();
+            p.count += n;
+            p.newest.get_or_insert_with(|| attr.clone());
+        }
+        send(&attr)
     }
 
     /// One block id with its replicas, from a pool shared by all files.

@@ -397,6 +397,16 @@ struct Ctx<'t, 'b, B: KvRead + ?Sized> {
     now: i64,
 }
 
+impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
+    /// The ctime of a change to an inode whose ctime was `old`. ctime only
+    /// moves forward, even across a leader whose clock is behind: clients
+    /// order the answers they get by it, so a later change must never look
+    /// older (mountd would keep a stale size).
+    fn ctime_after(&self, old: i64) -> i64 {
+        self.now.max(old.saturating_add(1))
+    }
+}
+
 fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<Reply> {
     if let Some(ns) = cmd.op.namespace() {
         let rec = namespace_by_id(&*t, ns)?.ok_or_else(|| FsError::NamespaceNotFound(format!("id {ns}")))?;
@@ -553,7 +563,7 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
     fn touch_dir(&mut self, ns: u32, ino: u64, nlink_delta: i32) -> NsResult<()> {
         let mut d = self.inode(ns, ino)?;
         d.mtime = self.now;
-        d.ctime = self.now;
+        d.ctime = self.ctime_after(d.ctime);
         d.nlink = (d.nlink as i64 + nlink_delta as i64).max(0) as u32;
         self.put_inode(ns, ino, &d);
         Ok(())
@@ -713,7 +723,7 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
             return Err(FsError::TooManyLinks.into());
         }
         inode.nlink += 1;
-        inode.ctime = self.now;
+        inode.ctime = self.ctime_after(inode.ctime);
         self.put_inode(ns, ino, &inode);
         self.t.put(
             keys::dirent(ns, new_parent, new_name),
@@ -730,7 +740,7 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
     fn drop_link(&mut self, ns: u32, ino: u64, keep_if_open: bool) -> NsResult<(bool, Option<AttrRec>)> {
         let mut inode = self.inode(ns, ino)?;
         inode.nlink = inode.nlink.saturating_sub(1);
-        inode.ctime = self.now;
+        inode.ctime = self.ctime_after(inode.ctime);
         if inode.nlink > 0 {
             self.put_inode(ns, ino, &inode);
             return Ok((false, Some(inode.attr(ino))));
@@ -859,7 +869,7 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
             self.t.put(keys::dirent(ns, new_parent, new_name), encode(&src));
             for (ent, to) in [(src, new_parent), (dst, parent)] {
                 let mut i = self.inode(ns, ent.ino)?;
-                i.ctime = self.now;
+                i.ctime = self.ctime_after(i.ctime);
                 if ent.kind == S_IFDIR {
                     i.parent = to;
                 }
@@ -917,7 +927,7 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
         self.t.delete(keys::dirent(ns, parent, name));
         self.t.put(keys::dirent(ns, new_parent, new_name), encode(&src));
         let mut moved = self.inode(ns, src.ino)?;
-        moved.ctime = self.now;
+        moved.ctime = self.ctime_after(moved.ctime);
         if src_is_dir {
             moved.parent = new_parent;
         }
@@ -1103,7 +1113,7 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
         if let Some(m) = mtime {
             inode.mtime = resolve(m, self.now);
         }
-        inode.ctime = ctime.unwrap_or(self.now);
+        inode.ctime = ctime.unwrap_or(self.now).max(inode.ctime.saturating_add(1));
         self.put_inode(ns, ino, &inode);
         Ok(Reply::Attr(inode.attr(ino)))
     }
@@ -1125,7 +1135,7 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
             return Err(FsError::NoAttribute.into());
         }
         self.t.put(key, value.to_vec());
-        inode.ctime = self.now;
+        inode.ctime = self.ctime_after(inode.ctime);
         self.put_inode(ns, ino, &inode);
         Ok(Reply::Attr(inode.attr(ino)))
     }
@@ -1137,7 +1147,7 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
             return Err(FsError::NoAttribute.into());
         }
         self.t.delete(key);
-        inode.ctime = self.now;
+        inode.ctime = self.ctime_after(inode.ctime);
         self.put_inode(ns, ino, &inode);
         Ok(Reply::Attr(inode.attr(ino)))
     }
@@ -1264,7 +1274,7 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
         }
         if !new_slices.is_empty() {
             inode.mtime = mtime.unwrap_or(self.now);
-            inode.ctime = self.now;
+            inode.ctime = self.ctime_after(inode.ctime);
             // Writing by anyone but root clears set-user-id (as the kernel
             // would ask through killpriv); keep it simple: any data write
             // clears both.
@@ -1343,7 +1353,7 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
                     txn_add(self.t, keys::ns_meta(ns, "bytes"), (end - inode.size) as i64)?;
                     inode.size = end;
                     inode.mtime = self.now;
-                    inode.ctime = self.now;
+                    inode.ctime = self.ctime_after(inode.ctime);
                     self.put_inode(ns, ino, &inode);
                 }
             }
@@ -1354,7 +1364,7 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
                     self.punch(ns, ino, offset, end)?;
                 }
                 inode.mtime = self.now;
-                inode.ctime = self.now;
+                inode.ctime = self.ctime_after(inode.ctime);
                 self.put_inode(ns, ino, &inode);
             }
             m => {

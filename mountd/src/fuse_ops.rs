@@ -282,16 +282,12 @@ impl JfsFs {
 
     fn entry(&self, reply: ReplyEntry, res: R<Attr>) {
         match res {
-            Ok(a) => {
-                // The kernel now holds a lookup reference until FORGET.
-                self.client.pin(a.ino, 1);
-                reply.entry_with_ttls(
-                    &self.attr_ttl,
-                    &self.entry_ttl,
-                    &self.file_attr(&a),
-                    Generation(a.generation),
-                )
-            }
+            // The kernel now holds a lookup reference until FORGET. It
+            // applies a LINK/MKNOD reply's attributes unconditionally, so
+            // they go out no older than any answer it already has.
+            Ok(a) => self.client.hand_out(a, 1, |a| {
+                reply.entry_with_ttls(&self.attr_ttl, &self.entry_ttl, &self.file_attr(a), Generation(a.generation))
+            }),
             Err(e) => reply.error(e),
         }
     }
@@ -628,9 +624,14 @@ impl Filesystem for JfsFs {
     ) {
         self.guard("read", || {
             let t0 = std::time::Instant::now();
-            let res = self
-                .handle(fh)
-                .and_then(|h| self.block(h.read_at(offset, size as usize)).map_err(errno));
+            let res = self.handle(fh).and_then(|h| {
+                self.block(h.read_at(offset, size as usize)).map_err(|e| {
+                    // The application sees only an errno (an mmap reader:
+                    // SIGBUS); the reason goes to the log.
+                    tracing::warn!(ino = h.ino(), offset, size, error = %e, "read failed");
+                    errno(e)
+                })
+            });
             tracing::trace!(offset, size, us = t0.elapsed().as_micros() as u64, "read");
             match res {
                 Ok(data) => reply.data(&data),
@@ -976,14 +977,18 @@ impl Filesystem for JfsFs {
             match res {
                 Ok((a, h)) => {
                     let fh = self.add_handle(h);
-                    self.client.pin(a.ino, 1);
-                    reply.created(
-                        &self.entry_ttl,
-                        &self.file_attr(&a),
-                        Generation(a.generation),
-                        fh,
-                        FopenFlags::empty(),
-                    )
+                    // A CREATE that found an existing file: its attributes
+                    // must not be older than ones the kernel already has
+                    // (see Client::hand_out).
+                    self.client.hand_out(a, 1, |a| {
+                        reply.created(
+                            &self.entry_ttl,
+                            &self.file_attr(a),
+                            Generation(a.generation),
+                            fh,
+                            FopenFlags::empty(),
+                        )
+                    })
                 }
                 Err(e) => reply.error(e),
             }

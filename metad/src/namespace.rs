@@ -1520,6 +1520,37 @@ mod tests {
     }
 
     #[test]
+    fn ctime_only_moves_forward_even_when_the_leader_clock_is_behind() {
+        let mut fs = Fs::new();
+        let f = fs.ino(ROOT_INO, "f", S_IFREG | 0o644);
+        let before = fs.attr(f).ctime;
+        // A new leader whose clock is far behind proposes the next change.
+        let ns = fs.ns;
+        let cmd = Command {
+            client_id: 9,
+            seq: 1,
+            acked_below: 0,
+            now_ns: 5,
+            op: Op::SetAttr {
+                ns,
+                ino: f,
+                mode: Some(0o600),
+                uid: None,
+                gid: None,
+                size: None,
+                atime: None,
+                mtime: None,
+                ctime: None,
+            },
+        };
+        let mut t = Txn::new(&fs.kv);
+        apply_command(&mut t, &cmd).unwrap().unwrap();
+        let w = t.into_writes();
+        fs.kv.apply(w);
+        assert!(fs.attr(f).ctime > before, "ctime went from {before} to {}", fs.attr(f).ctime);
+    }
+
+    #[test]
     fn create_lookup_and_errors() {
         let mut fs = Fs::new();
         let d = fs.ino(ROOT_INO, "d", S_IFDIR | 0o755);

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use jfs_common::rpc::{block_client::BlockClient, ReadBlockRequest, WriteBlockChunk};
@@ -27,12 +27,19 @@ const CACHE_BYTES: usize = 96 << 20;
 /// Entries kept even when blocks are large.
 const CACHE_MIN_ENTRIES: usize = 6;
 
+/// How long a blockd that failed a request is read last and kept out of
+/// new placements. metad needs its dead interval (10 s by default) to see a
+/// dead blockd; this client knows at the first refused connection.
+const SUSPECT_FOR: Duration = Duration::from_secs(30);
+
 type Slot = Arc<OnceCell<Arc<Vec<u8>>>>;
 
 pub(crate) struct BlockPool {
     channels: Mutex<HashMap<String, Channel>>,
     timeout: Duration,
     cache: Mutex<Cache>,
+    /// blockd address -> when it last failed a request of ours.
+    suspects: Mutex<HashMap<String, Instant>>,
 }
 
 #[derive(Default)]
@@ -73,7 +80,28 @@ impl BlockPool {
             channels: Mutex::new(HashMap::new()),
             timeout,
             cache: Mutex::new(Cache::default()),
+            suspects: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Notes that `addr` failed; a missing or corrupt block is the
+    /// block's problem, not the node's.
+    fn suspect(&self, addr: &str, e: &FsError) {
+        if !matches!(e, FsError::NotFound | FsError::Corrupt(_)) {
+            lock(&self.suspects).insert(addr.to_string(), Instant::now());
+        }
+    }
+
+    /// blockds that failed a request of ours lately (to keep new blocks
+    /// off them).
+    pub(crate) fn suspects(&self) -> Vec<String> {
+        let mut s = lock(&self.suspects);
+        s.retain(|_, t| t.elapsed() < SUSPECT_FOR);
+        s.keys().cloned().collect()
+    }
+
+    fn is_suspect(&self, addr: &str) -> bool {
+        lock(&self.suspects).get(addr).is_some_and(|t| t.elapsed() < SUSPECT_FOR)
     }
 
     fn channel(&self, addr: &str) -> FsResult<Channel> {
@@ -111,10 +139,14 @@ impl BlockPool {
         }
         let results =
             futures::future::join_all(replicas.iter().map(|addr| self.write_one(addr, block_id, data.clone()))).await;
-        for r in results {
-            r?;
+        let mut first_err = None;
+        for (addr, r) in replicas.iter().zip(results) {
+            if let Err(e) = r {
+                self.suspect(addr, &e);
+                first_err.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_err.map_or(Ok(()), Err)
     }
 
     async fn write_one(&self, addr: &str, block_id: u64, data: Arc<Vec<u8>>) -> FsResult<()> {
@@ -168,10 +200,14 @@ impl BlockPool {
     /// Reads `[offset, offset + len)` of a block, trying replicas in order.
     pub(crate) async fn read(&self, block_id: u64, offset: u64, len: u64, replicas: &[String]) -> FsResult<Vec<u8>> {
         let mut errors = Vec::new();
-        for addr in replicas {
+        // Replicas that failed us lately go last: a dead blockd costs a
+        // refused connection (or a timeout) on every read otherwise.
+        let (good, bad): (Vec<&String>, Vec<&String>) = replicas.iter().partition(|a| !self.is_suspect(a));
+        for addr in good.into_iter().chain(bad) {
             match self.read_one(addr, block_id, offset, len).await {
                 Ok(v) => return Ok(v),
                 Err(e) => {
+                    self.suspect(addr, &e);
                     if e == FsError::NotFound {
                         // Usually a map older than a compaction or truncate
                         // whose freed blocks were collected: the caller

@@ -741,6 +741,11 @@ impl Client {
     /// One block id with its replicas, from a pool shared by all files.
     async fn allocate_block(&self, ino: u64) -> FsResult<rpc::AllocatedBlock> {
         let mut pool = self.inner.alloc.lock().await;
+        let avoid = self.inner.blocks.suspects();
+        if pool.iter().any(|b| b.replicas.iter().any(|r| avoid.contains(r))) {
+            // Allocated before a blockd failed us: place them again.
+            pool.clear();
+        }
         if let Some(b) = pool.pop_front() {
             return Ok(b);
         }
@@ -753,6 +758,7 @@ impl Client {
                     ns,
                     ino,
                     count: ALLOC_BATCH,
+                    avoid: avoid.clone(),
                 };
                 async move { c.allocate_blocks(req).await }
             })

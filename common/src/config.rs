@@ -64,7 +64,7 @@ impl Default for Config {
             raft_election_timeout: Duration::from_millis(1000),
             raft_snapshot_every: 20_000,
             block_size: 4 << 20,
-            replication: 1,
+            replication: 3,
             blockd_data_dir: PathBuf::from("/var/lib/jfs/blockd"),
             blockd_heartbeat: Duration::from_millis(1000),
             blockd_dead_after: Duration::from_millis(10_000),

@@ -55,9 +55,13 @@ impl BlockdRegistry {
     /// Up to `n` distinct live blockds for a new block: the ones with the
     /// most free space are preferred, with ties broken at random so
     /// concurrent writers spread out. Nodes with less than `min_free` bytes
-    /// free are skipped.
-    pub fn place(&self, n: usize, min_free: u64) -> Vec<String> {
+    /// free are skipped, and so are the addresses in `avoid` (nodes a
+    /// client just failed to reach) unless no other node is left.
+    pub fn place(&self, n: usize, min_free: u64, avoid: &[String]) -> Vec<String> {
         let mut live: Vec<BlockdInfo> = self.live().into_iter().filter(|b| b.free >= min_free).collect();
+        if live.iter().any(|b| !avoid.contains(&b.address)) {
+            live.retain(|b| !avoid.contains(&b.address));
+        }
         live.shuffle(&mut rand::thread_rng());
         // Bucket free space coarsely so a few MiB of difference does not
         // send every block to the same node.
@@ -87,8 +91,22 @@ mod tests {
         r.heartbeat(info("b", 0, Duration::ZERO));
         r.heartbeat(info("c", 90, Duration::from_secs(60)));
         r.heartbeat(info("d", 80, Duration::ZERO));
-        let p = r.place(3, 1 << 20);
+        let p = r.place(3, 1 << 20, &[]);
         assert_eq!(p, vec!["d:8201".to_string(), "a:8201".to_string()]);
         assert_eq!(r.live().len(), 3);
+    }
+
+    #[test]
+    fn placement_avoids_failed_nodes_while_others_are_left() {
+        let r = BlockdRegistry::new(Duration::from_secs(10));
+        for id in ["a", "b", "c"] {
+            r.heartbeat(info(id, 50, Duration::ZERO));
+        }
+        let mut p = r.place(3, 1 << 20, &["b:8201".to_string()]);
+        p.sort();
+        assert_eq!(p, vec!["a:8201".to_string(), "c:8201".to_string()]);
+        // Every node failed: placing somewhere beats failing the write.
+        let all: Vec<String> = ["a", "b", "c"].iter().map(|i| format!("{i}:8201")).collect();
+        assert_eq!(r.place(3, 1 << 20, &all).len(), 3);
     }
 }

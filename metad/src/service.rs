@@ -35,6 +35,28 @@ pub struct MetaService {
 
 type Rpc<T> = Result<Response<T>, Status>;
 
+/// New blocks get fewer copies than the namespace asks for (too few live
+/// blockds, or the rest just failed a client). Logged at most once a
+/// minute: during an outage every allocation would say it.
+fn warn_under_replicated(ns: &str, want: u32, got: usize) {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = now_ns().max(0) as u64 / 1_000_000_000;
+    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+    if now >= last + 60
+        && LAST
+            .compare_exchange(last, now, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            namespace = ns,
+            replication = want,
+            copies = got,
+            "new blocks get fewer copies than the namespace's replication: not enough live blockds with free space \
+             (start or repair blockds; `jfs metastatus --detail` shows how many are live)"
+        );
+    }
+}
+
 fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -488,7 +510,7 @@ impl Meta for MetaService {
         // Place before allocating ids so a cluster without blockds fails fast.
         let mut placements = Vec::with_capacity(r.count as usize);
         for _ in 0..r.count {
-            let p = self.blockds.place(rec.replication as usize, rec.block_size);
+            let p = self.blockds.place(rec.replication as usize, rec.block_size, &r.avoid);
             if p.is_empty() {
                 return Err(if self.blockds.live().is_empty() {
                     FsError::Unavailable("no live blockd has reported to the metad leader yet".into())
@@ -496,6 +518,9 @@ impl Meta for MetaService {
                     FsError::NoSpace("every live blockd is full".into())
                 }
                 .into());
+            }
+            if p.len() < rec.replication as usize {
+                warn_under_replicated(&rec.name, rec.replication, p.len());
             }
             placements.push(p);
         }

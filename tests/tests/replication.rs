@@ -1,0 +1,120 @@
+//! Three copies of every block: losing one blockd loses no file and fails
+//! no write. Real processes, real `kill -9`; every read goes through a
+//! fresh mount so neither the kernel's page cache nor mountd's block cache
+//! can answer for a blockd that is gone.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+
+use jfs_tests::*;
+
+const MIB: usize = 1 << 20;
+
+/// Writes `data` to `path` and closes it, checking every call once.
+fn write_checked(path: &std::path::Path, data: &[u8]) {
+    let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.write_all(data)
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    f.sync_all()
+        .unwrap_or_else(|e| panic!("fsync {}: {e}", path.display()));
+    close_checked(f).unwrap_or_else(|e| panic!("close {}: {e}", path.display()));
+}
+
+/// Bytes of block files (`*.blk`) under one blockd data directory.
+fn blk_bytes(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            match fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => stack.push(p),
+                Ok(m) if p.extension().is_some_and(|x| x == "blk") => total += m.len(),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+fn assert_reads_back(m: &Mount, files: &[(String, Vec<u8>)], while_what: &str) {
+    for (name, want) in files {
+        let got = fs::read(m.path(name)).unwrap_or_else(|e| panic!("read {name} {while_what}: {e}"));
+        if let Some(d) = describe_difference(want, &got) {
+            panic!("{name} reads back wrong {while_what}: {d}");
+        }
+    }
+}
+
+#[test]
+fn every_file_reads_back_with_any_one_blockd_down() {
+    let c = Cluster::start();
+    let ns = c.namespace_info("default");
+    assert_eq!(ns.replication, 3, "`jfs local up` should make namespace default with 3 copies");
+    let mut files = Vec::new();
+    for i in 0..3u64 {
+        files.push((format!("big{i}"), pattern(20 * MIB + 12_345 * i as usize, i)));
+    }
+    for i in 0..20u64 {
+        files.push((format!("small{i}"), pattern(1 + (i as usize * 7_919) % (200 << 10), 100 + i)));
+    }
+    for (name, data) in &files {
+        write_checked(&c.path(name), data);
+    }
+    // Each file's blocks are on all three blockds, so every one of them can
+    // be the one that is down.
+    let want: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
+    for dir in c.blockd_dirs() {
+        let have = blk_bytes(&dir);
+        assert!(
+            have >= want,
+            "{} holds {have} bytes of blocks, less than the {want} bytes written: not every block has a copy there",
+            dir.display()
+        );
+    }
+    for b in ["blockd1", "blockd2", "blockd3"] {
+        c.kill9(b);
+        let m = c.mount_second("");
+        assert_reads_back(&m, &files, &format!("with {b} killed"));
+        m.unmount();
+        c.local_up();
+    }
+}
+
+#[test]
+fn kill_9_a_blockd_mid_write_loses_nothing() {
+    let c = Cluster::start();
+    let total = env_count("JFS_TEST_REPLICATION_MIB", 256) as usize * MIB;
+    let kill_at = total / 4;
+    let data = pattern(total, 77);
+    let path = c.path("big");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    let mut killed = false;
+    for (i, piece) in data.chunks(MIB).enumerate() {
+        if !killed && i * MIB >= kill_at {
+            c.kill9("blockd2");
+            killed = true;
+        }
+        // One try per call, as a user's program makes: a failure here is a
+        // write jfs lost.
+        f.write_all(piece)
+            .unwrap_or_else(|e| panic!("write at {} MiB (blockd2 killed at {} MiB): {e}", i, kill_at / MIB));
+    }
+    f.sync_all()
+        .unwrap_or_else(|e| panic!("fsync after blockd2 was killed: {e}{}", c.log_tails()));
+    close_checked(f).unwrap_or_else(|e| panic!("close after blockd2 was killed: {e}{}", c.log_tails()));
+    // Read back through a fresh mount, blockd2 still dead.
+    let m = c.mount_second("");
+    let files = vec![("big".to_string(), data)];
+    assert_reads_back(&m, &files, "with blockd2 dead");
+    m.unmount();
+    // And once it is back.
+    c.local_up();
+    let m = c.mount_second("");
+    assert_reads_back(&m, &files, "after blockd2 restarted");
+    m.unmount();
+}

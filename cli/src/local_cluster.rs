@@ -61,7 +61,10 @@ pub fn local_config_text(state: &Path, ip: &str) -> String {
          jfs.namespace.server.rpc-address = \"{}\"\n\
          namespace.data-dir = {}\n\
          blockd.data-dir = {}\n\
-         namespace.replication = 3\n",
+         namespace.replication = 3\n\
+         # A development cluster gives deleted space back quickly; production keeps\n\
+         # unreferenced blocks 10 minutes for readers holding old block maps.\n\
+         blockd.gc-grace-ms = 10000\n",
         initial.join(","),
         rpc.join(","),
         toml_string(&state.join("metad")),
@@ -785,6 +788,7 @@ mod tests {
         assert_eq!(cfg.peers[2].raft_addr, "127.0.7.1:8123");
         assert_eq!(cfg.peers[1].rpc_addr, "127.0.7.1:8111");
         assert_eq!(cfg.replication, 3);
+        assert_eq!(cfg.block_gc_grace, std::time::Duration::from_secs(10));
         assert_eq!(cfg.metad_data_dir, Path::new("/tmp/state dir/metad"));
     }
 

@@ -49,6 +49,8 @@ pub struct Config {
     pub blockd_data_dir: PathBuf,
     pub blockd_heartbeat: Duration,
     pub blockd_dead_after: Duration,
+    /// How long a block nothing refers to is kept before blockds delete it.
+    pub block_gc_grace: Duration,
     pub client_timeout: Duration,
     pub attr_timeout: Duration,
     pub entry_timeout: Duration,
@@ -68,6 +70,8 @@ impl Default for Config {
             blockd_data_dir: PathBuf::from("/var/lib/jfs/blockd"),
             blockd_heartbeat: Duration::from_millis(1000),
             blockd_dead_after: Duration::from_millis(10_000),
+            // As Garage: long enough for any reader holding an old chunk map.
+            block_gc_grace: Duration::from_secs(600),
             client_timeout: Duration::from_secs(60),
             attr_timeout: Duration::from_secs(1),
             entry_timeout: Duration::from_secs(1),
@@ -130,6 +134,10 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("blockd.dead-interval-ms", |c, v| {
         c.blockd_dead_after = as_ms(v, 500, 3_600_000)?;
+        Ok(())
+    }),
+    ("blockd.gc-grace-ms", |c, v| {
+        c.block_gc_grace = as_ms(v, 0, 7 * 24 * 3_600_000)?;
         Ok(())
     }),
     ("client.timeout-ms", |c, v| {

@@ -37,8 +37,10 @@ pub fn session_low(client: u64) -> Vec<u8> {
     cat(&[b"L", &client.to_be_bytes()])
 }
 
-pub fn garbage(block_id: u64) -> Vec<u8> {
-    cat(&[GARBAGE, &block_id.to_be_bytes()])
+/// A block no file refers to, keyed by when it became garbage first, so a
+/// scan for blocks past their grace period stops at the first young one.
+pub fn garbage(since_ns: i64, block_id: u64) -> Vec<u8> {
+    cat(&[GARBAGE, &(since_ns.max(0) as u64).to_be_bytes(), &block_id.to_be_bytes()])
 }
 
 fn ns_key(ns: u32, tag: u8, rest: &[&[u8]]) -> Vec<u8> {
@@ -107,7 +109,8 @@ pub fn be_u64_at(key: &[u8], off: usize) -> Option<u64> {
 pub const DIRENT_NAME_OFFSET: usize = 1 + 4 + 1 + 8;
 pub const CHUNK_INDEX_OFFSET: usize = 1 + 4 + 1 + 8;
 pub const XATTR_NAME_OFFSET: usize = 1 + 4 + 1 + 8;
-pub const GARBAGE_ID_OFFSET: usize = 1;
+pub const GARBAGE_SINCE_OFFSET: usize = 1;
+pub const GARBAGE_ID_OFFSET: usize = 9;
 
 #[cfg(test)]
 mod tests {

@@ -326,15 +326,39 @@ pub fn usage<R: KvRead + ?Sized>(kv: &R, ns: u32) -> Result<NsUsage, KvError> {
     })
 }
 
-/// Blocks no file refers to any more, oldest first.
-pub fn garbage<R: KvRead + ?Sized>(kv: &R, limit: usize) -> Result<Vec<(u64, Vec<String>)>, KvError> {
-    kv.scan(keys::GARBAGE, None, limit)?
-        .into_iter()
-        .map(|(k, v)| {
-            let id = keys::be_u64_at(&k, keys::GARBAGE_ID_OFFSET).ok_or_else(|| KvError("bad garbage key".into()))?;
-            Ok((id, decode("garbage", &v)?))
-        })
-        .collect()
+/// A block no file refers to any more, waiting for deletion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Garbage {
+    /// When it became garbage (leader clock, ns).
+    pub since_ns: i64,
+    pub block_id: u64,
+    /// Replicas not yet told to delete it.
+    pub replicas: Vec<String>,
+}
+
+/// Up to `limit` blocks that became garbage before `before_ns`, oldest
+/// first. Blocks younger than that are kept: a reader elsewhere may still
+/// hold a chunk map that points at them (the grace period).
+pub fn garbage<R: KvRead + ?Sized>(kv: &R, before_ns: i64, limit: usize) -> Result<Vec<Garbage>, KvError> {
+    let mut out = Vec::new();
+    for (k, v) in kv.scan(keys::GARBAGE, None, limit)? {
+        let (Some(since), Some(id)) = (
+            keys::be_u64_at(&k, keys::GARBAGE_SINCE_OFFSET),
+            keys::be_u64_at(&k, keys::GARBAGE_ID_OFFSET),
+        ) else {
+            return Err(KvError(format!("bad garbage key {k:?}")));
+        };
+        let since_ns = since as i64;
+        if since_ns >= before_ns {
+            break;
+        }
+        out.push(Garbage {
+            since_ns,
+            block_id: id,
+            replicas: decode("garbage", &v)?,
+        });
+    }
+    Ok(out)
 }
 
 // ------------------------------------------------------------------ writes
@@ -515,9 +539,9 @@ fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<R
             offset,
             len,
         } => c.fallocate(*ns, *ino, *mode, *offset, *len),
-        Op::ForgetGarbage { replica, block_ids } => {
-            for id in block_ids {
-                let key = keys::garbage(*id);
+        Op::ForgetGarbage { replica, blocks } => {
+            for &(since, id) in blocks {
+                let key = keys::garbage(since, id);
                 let Some(v) = c.t.get(&key)? else { continue };
                 let mut replicas: Vec<String> = decode("garbage", &v)?;
                 replicas.retain(|r| r != replica);
@@ -1012,7 +1036,7 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
             let refs = (b.refs as i64).saturating_add(delta);
             if refs <= 0 {
                 self.t.delete(key);
-                self.t.put(keys::garbage(id), encode(&b.replicas));
+                self.t.put(keys::garbage(self.now, id), encode(&b.replicas));
             } else {
                 b.refs = refs as u64;
                 self.t.put(key, encode(&b));
@@ -1307,7 +1331,7 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
             Err(e) => return Err(e),
         };
         if current.slices.is_empty() || current.version != version {
-            self.t.put(keys::garbage(block.block_id), encode(&block.replicas));
+            self.t.put(keys::garbage(self.now, block.block_id), encode(&block.replicas));
             return Ok(Reply::Compacted { applied: false });
         }
         let cs = self.chunk_size(ns)?;
@@ -1805,7 +1829,9 @@ mod tests {
     }
 
     fn garbage_ids(fs: &Fs) -> Vec<u64> {
-        garbage(&fs.kv, 10_000).unwrap().iter().map(|g| g.0).collect()
+        let mut ids: Vec<u64> = garbage(&fs.kv, i64::MAX, 10_000).unwrap().iter().map(|g| g.block_id).collect();
+        ids.sort();
+        ids
     }
 
     #[test]
@@ -1835,6 +1861,13 @@ mod tests {
         );
         assert_eq!(chunks(&fs, f)[0].1.slices, vec![slice(0, mb, 12, 0)]);
         assert_eq!(garbage_ids(&fs), vec![10, 11]);
+        // Garbage waits out the grace period: none of it is older than the
+        // commit that made it.
+        let g = garbage(&fs.kv, i64::MAX, 100).unwrap();
+        let made_at = g[0].since_ns;
+        assert!(g.iter().all(|x| x.since_ns == made_at && x.replicas == vec!["r".to_string()]), "{g:?}");
+        assert!(garbage(&fs.kv, made_at, 100).unwrap().is_empty());
+        assert_eq!(garbage(&fs.kv, made_at + 1, 100).unwrap().len(), 2);
         assert_eq!(usage(&fs.kv, ns).unwrap().bytes, mb as u64);
         // A block shared by slices of two chunks stays until both are gone.
         let (a, _) = commit(

@@ -203,7 +203,8 @@ pub enum Op {
     /// garbage entries (an entry goes once no replica is left).
     ForgetGarbage {
         replica: String,
-        block_ids: Vec<u64>,
+        /// (became garbage at, block id), as `namespace::garbage` lists them.
+        blocks: Vec<(i64, u64)>,
     },
 }
 

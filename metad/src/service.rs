@@ -654,17 +654,19 @@ impl Meta for MetaService {
             last_seen: std::time::Instant::now(),
         });
         let term = self.raft.metrics().borrow().current_term;
-        let garbage = namespace::garbage(&self.view, 10_000).map_err(storage)?;
-        let delete_blocks: Vec<u64> = garbage
+        let before = now_ns().saturating_sub(self.cfg.block_gc_grace.as_nanos() as i64);
+        let garbage = namespace::garbage(&self.view, before, 10_000).map_err(storage)?;
+        let blocks: Vec<(i64, u64)> = garbage
             .into_iter()
-            .filter(|(_, replicas)| replicas.iter().any(|a| *a == r.address))
-            .map(|(id, _)| id)
+            .filter(|g| g.replicas.iter().any(|a| *a == r.address))
+            .map(|g| (g.since_ns, g.block_id))
             .take(1000)
             .collect();
-        if !delete_blocks.is_empty() {
+        let delete_blocks: Vec<u64> = blocks.iter().map(|b| b.1).collect();
+        if !blocks.is_empty() {
             let op = Op::ForgetGarbage {
                 replica: r.address,
-                block_ids: delete_blocks.clone(),
+                blocks,
             };
             self.propose(&None, op).await?;
         }

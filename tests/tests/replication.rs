@@ -118,3 +118,44 @@ fn kill_9_a_blockd_mid_write_loses_nothing() {
     assert_reads_back(&m, &files, "after blockd2 restarted");
     m.unmount();
 }
+
+#[test]
+fn reads_skip_corrupt_copies_while_one_good_copy_is_left() {
+    let c = Cluster::start();
+    // Ten blocks, so that a read whose replica order happened to put the
+    // good copy first everywhere is not how this passes.
+    let data = pattern(40 * MIB + 4_321, 5);
+    write_checked(&c.path("victim"), &data);
+    // Flip one byte in the middle of every block file on two of the three
+    // blockds.
+    let mut flipped = 0;
+    for dir in c.blockd_dirs().iter().take(2) {
+        let mut stack = vec![dir.clone()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                let Ok(m) = fs::symlink_metadata(&p) else { continue };
+                if m.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "blk") && m.len() > 0 {
+                    use std::os::unix::fs::FileExt;
+                    let f = OpenOptions::new().read(true).write(true).open(&p).expect("open block file");
+                    let mut b = [0u8; 1];
+                    f.read_exact_at(&mut b, m.len() / 2).expect("read a block byte");
+                    f.write_all_at(&[b[0] ^ 0x5a], m.len() / 2).expect("corrupt a byte");
+                    flipped += 1;
+                }
+            }
+        }
+    }
+    assert!(flipped >= 20, "expected at least 10 blocks on each of two blockds, flipped {flipped} files");
+    let m = c.mount_second("");
+    let files = vec![("victim".to_string(), data)];
+    assert_reads_back(&m, &files, "with two of its three copies corrupted");
+    let log = m.log_text();
+    assert!(
+        log.contains("trying the next replica"),
+        "the corrupt copies were read around without a word in the mountd log:\n{log}"
+    );
+    m.unmount();
+}

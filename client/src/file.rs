@@ -269,7 +269,10 @@ impl OpenInode {
 
     /// metad changed the file's size or chunks behind our back (truncate,
     /// fallocate after our flush): forget the chunk map, keep the new size.
-    pub(crate) fn reset_map(&self, attr: &Attr) {
+    /// Only a truncate (`truncated`) cuts what is still buffered here; after
+    /// a fallocate, writes that arrived meanwhile (mmap writeback does not
+    /// wait for the inode lock) stay, and so does the size they reach.
+    pub(crate) fn reset_map(&self, attr: &Attr, truncated: bool) {
         let cs = self.chunk_size;
         let mut st = lock(&self.state);
         st.chunks.clear();
@@ -277,8 +280,9 @@ impl OpenInode {
         st.stale.clear();
         st.blocks.clear();
         st.epoch += 1;
-        if !st.observe(attr) {
-            // A newer answer (a commit of ours) already set the size.
+        if !st.observe(attr) || !truncated {
+            // A newer answer (a commit of ours) already set the size, or
+            // nothing was cut.
             return;
         }
         let size = attr.size;
@@ -426,28 +430,14 @@ impl OpenInode {
     /// Hands a batch of buffers to background uploads. Waiting for an
     /// upload slot is the backpressure that keeps a fast writer from
     /// buffering the whole file in memory.
-    async fn start_batch(self: &Arc<Self>, client: &Client, bufs: Vec<Vec<u8>>, parts: Vec<Part>) {
-        if parts.is_empty() {
-            return;
-        }
-        let bufs: Vec<Arc<Vec<u8>>> = bufs.into_iter().map(Arc::new).collect();
-        let seq = {
-            let mut st = lock(&self.state);
-            st.next_seq += 1;
-            let seq = st.next_seq;
-            st.batches.insert(
-                seq,
-                Batch {
-                    parts,
-                    data: BatchData::Memory {
-                        bufs: bufs.clone(),
-                        stored: vec![None; bufs.len()],
-                    },
-                },
-            );
-            st.in_flight += bufs.len();
-            seq
-        };
+    ///
+    /// The bytes must move from `dirty` into `batches` under one hold of the
+    /// state lock (see [`queue_batch`]): in between they would be in
+    /// neither, so a read would miss acknowledged writes and a metad answer
+    /// arriving then would set the size back below what the kernel knows
+    /// (a short read makes the kernel shrink the file: SIGBUS under mmap).
+    async fn start_batch(self: &Arc<Self>, client: &Client, queued: Option<(u64, Vec<Arc<Vec<u8>>>)>) {
+        let Some((seq, bufs)) = queued else { return };
         for (i, data) in bufs.into_iter().enumerate() {
             let permit = self.upload_slots.clone().acquire_owned().await;
             let me = self.clone();
@@ -556,25 +546,25 @@ impl OpenInode {
         }
     }
 
-    /// Takes every dirty extent for upload as packed blocks.
-    fn take_dirty(&self) -> (Vec<Vec<u8>>, Vec<Part>) {
-        let extents: Vec<(u64, u32, Vec<u8>)> = {
-            let mut st = lock(&self.state);
-            st.dirty_bytes = 0;
-            st.dirty_extents = 0;
-            std::mem::take(&mut st.dirty)
-                .into_iter()
-                .flat_map(|(idx, d)| d.into_extents().into_iter().map(move |(pos, b)| (idx, pos, b)))
-                .collect()
-        };
-        pack(extents, self.chunk_size as usize)
+    /// Moves every dirty extent into a batch of packed blocks (one hold of
+    /// the state lock: see [`OpenInode::start_batch`]).
+    fn take_dirty(&self) -> Option<(u64, Vec<Arc<Vec<u8>>>)> {
+        let mut st = lock(&self.state);
+        st.dirty_bytes = 0;
+        st.dirty_extents = 0;
+        let extents: Vec<(u64, u32, Vec<u8>)> = std::mem::take(&mut st.dirty)
+            .into_iter()
+            .flat_map(|(idx, d)| d.into_extents().into_iter().map(move |(pos, b)| (idx, pos, b)))
+            .collect();
+        let (bufs, parts) = pack(extents, self.chunk_size as usize);
+        queue_batch(&mut st, bufs, parts)
     }
 
     /// Uploads everything buffered, waits for it, and commits the slices.
     pub(crate) async fn flush(self: &Arc<Self>, client: &Client) -> FsResult<()> {
         let _one = self.flush_lock.lock().await;
-        let (bufs, parts) = self.take_dirty();
-        self.start_batch(client, bufs, parts).await;
+        let queued = self.take_dirty();
+        self.start_batch(client, queued).await;
         self.wait_uploads().await;
         let _c = self.commit_lock.lock().await;
         loop {
@@ -691,8 +681,8 @@ impl OpenInode {
             st.dirty_bytes > DIRTY_BYTES || st.dirty_extents > DIRTY_EXTENTS
         };
         if over {
-            let (bufs, parts) = self.take_dirty();
-            self.start_batch(client, bufs, parts).await;
+            let queued = self.take_dirty();
+            self.start_batch(client, queued).await;
         }
     }
 
@@ -810,6 +800,30 @@ fn acquire(client: &Client, ino: u64) -> Arc<OpenInode> {
         .clone();
     lock(&f.state).handles += 1;
     f
+}
+
+/// Registers buffers about to be uploaded as the next batch, in the same
+/// hold of the state lock that took them out of `dirty`; returns the
+/// batch's sequence number and the shared buffers for the uploads.
+fn queue_batch(st: &mut State, bufs: Vec<Vec<u8>>, parts: Vec<Part>) -> Option<(u64, Vec<Arc<Vec<u8>>>)> {
+    if parts.is_empty() {
+        return None;
+    }
+    let bufs: Vec<Arc<Vec<u8>>> = bufs.into_iter().map(Arc::new).collect();
+    st.next_seq += 1;
+    let seq = st.next_seq;
+    st.batches.insert(
+        seq,
+        Batch {
+            parts,
+            data: BatchData::Memory {
+                bufs: bufs.clone(),
+                stored: vec![None; bufs.len()],
+            },
+        },
+    );
+    st.in_flight += bufs.len();
+    Some((seq, bufs))
 }
 
 /// Installs what metad just said (close-to-open). `Unavailable` asks the
@@ -1036,24 +1050,26 @@ impl FileHandle {
                 let chunk_end = piece.index * cs + (piece.offset + piece.len) as u64;
                 st.size = st.size.max(chunk_end);
                 if full {
+                    // A full chunk goes up at once, as its own block; it
+                    // moves to a batch under this same lock.
                     let d = st.dirty.remove(&piece.index).unwrap_or_default();
                     st.dirty_bytes -= d.bytes();
                     st.dirty_extents -= d.extent_count();
-                    Some(d)
+                    let buf = d.into_extents().into_values().next().unwrap_or_default();
+                    let part = Part {
+                        chunk: piece.index,
+                        pos: 0,
+                        len: buf.len() as u32,
+                        buf: 0,
+                        off: 0,
+                    };
+                    queue_batch(st, vec![buf], vec![part])
                 } else {
                     None
                 }
             };
-            if let Some(d) = full {
-                let buf = d.into_extents().into_values().next().unwrap_or_default();
-                let part = Part {
-                    chunk: piece.index,
-                    pos: 0,
-                    len: buf.len() as u32,
-                    buf: 0,
-                    off: 0,
-                };
-                f.start_batch(&self.client, vec![buf], vec![part]).await;
+            if full.is_some() {
+                f.start_batch(&self.client, full).await;
             }
         }
         f.limit_dirty(&self.client).await;

@@ -527,7 +527,7 @@ impl Client {
             .await?;
         let attr = attr_of(reply.attr)?;
         if let (Some(f), Some(_)) = (&open, args.size) {
-            f.reset_map(&attr);
+            f.reset_map(&attr, true);
         }
         Ok(self.local_view(attr))
     }
@@ -637,7 +637,7 @@ impl Client {
             .await?;
         let attr = attr_of(reply.attr)?;
         if let Some(f) = &open {
-            f.reset_map(&attr);
+            f.reset_map(&attr, false);
         }
         Ok(self.local_view(attr))
     }

@@ -54,6 +54,18 @@ pub struct Space {
     pub free_bytes: u64,
 }
 
+/// Names the file system holding `dir` as "host:device", so metad can
+/// count blockds that share a disk once. The device number alone repeats
+/// across machines; with the host name it does not.
+pub fn filesystem_identity(dir: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    match fs::metadata(dir) {
+        Ok(m) => format!("{}:{}", host.trim(), m.dev()),
+        Err(_) => String::new(),
+    }
+}
+
 pub struct BlockStore {
     root: PathBuf,
     blocks_dir: PathBuf,

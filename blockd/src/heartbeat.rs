@@ -307,6 +307,7 @@ impl<C: MetaCaller> Heartbeat<C> {
             block_count: self.store.block_count(),
             cluster_id: self.state.cluster_id.clone().unwrap_or_default(),
             highest_term_seen: self.state.highest_term,
+            filesystem: crate::block_store::filesystem_identity(self.store.root()),
         }
     }
 

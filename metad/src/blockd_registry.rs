@@ -17,6 +17,8 @@ pub struct BlockdInfo {
     pub address: String,
     pub capacity: u64,
     pub free: u64,
+    /// "host:device" of the blockd's data directory ("" = unknown).
+    pub filesystem: String,
     pub last_seen: Instant,
 }
 
@@ -52,6 +54,20 @@ impl BlockdRegistry {
             .collect()
     }
 
+    /// Capacity and free bytes of the live blockds, each underlying file
+    /// system counted once (three blockds on one disk are one disk).
+    pub fn raw_space(&self) -> (u64, u64) {
+        let mut seen = std::collections::HashSet::new();
+        let (mut total, mut free) = (0, 0);
+        for b in self.live() {
+            if b.filesystem.is_empty() || seen.insert(b.filesystem.clone()) {
+                total += b.capacity;
+                free += b.free;
+            }
+        }
+        (total, free)
+    }
+
     /// Up to `n` distinct live blockds for a new block: the ones with the
     /// most free space are preferred, with ties broken at random so
     /// concurrent writers spread out. Nodes with less than `min_free` bytes
@@ -80,6 +96,7 @@ mod tests {
             address: format!("{id}:8201"),
             capacity: 100 << 30,
             free: free_gib << 30,
+            filesystem: String::new(),
             last_seen: Instant::now() - age,
         }
     }
@@ -94,6 +111,18 @@ mod tests {
         let p = r.place(3, 1 << 20, &[]);
         assert_eq!(p, vec!["d:8201".to_string(), "a:8201".to_string()]);
         assert_eq!(r.live().len(), 3);
+    }
+
+    #[test]
+    fn blockds_sharing_a_file_system_count_once_in_space() {
+        let r = BlockdRegistry::new(Duration::from_secs(10));
+        for (id, fs) in [("a", "h1:5"), ("b", "h1:5"), ("c", "h2:5"), ("d", "")] {
+            let mut i = info(id, 10, Duration::ZERO);
+            i.filesystem = fs.into();
+            r.heartbeat(i);
+        }
+        // h1:5 once, h2:5, and the unknown one: three disks of 100 GiB.
+        assert_eq!(r.raw_space(), (300 << 30, 30 << 30));
     }
 
     #[test]

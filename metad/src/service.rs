@@ -482,10 +482,8 @@ impl Meta for MetaService {
         let r = req.into_inner();
         let rec = self.namespace(r.ns)?;
         let usage = namespace::usage(&self.view, r.ns).map_err(storage)?;
-        let live = self.blockds.live();
         let repl = rec.replication.max(1) as u64;
-        let raw_total: u64 = live.iter().map(|b| b.capacity).sum();
-        let raw_free: u64 = live.iter().map(|b| b.free).sum();
+        let (raw_total, raw_free) = self.blockds.raw_space();
         Ok(Response::new(rpc::StatFsReply {
             total_bytes: raw_total / repl,
             used_bytes: usage.bytes,
@@ -651,6 +649,7 @@ impl Meta for MetaService {
             address: r.address.clone(),
             capacity: r.capacity_bytes,
             free: r.free_bytes,
+            filesystem: r.filesystem,
             last_seen: std::time::Instant::now(),
         });
         let term = self.raft.metrics().borrow().current_term;

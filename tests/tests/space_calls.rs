@@ -415,3 +415,27 @@ fn seek_on_empty_all_hole_and_all_data_files_matches_ext4() {
     t.check_seeks(&offsets, "everything punched, reopened");
     t.check_state("everything punched, reopened");
 }
+
+fn statvfs_total(path: &std::path::Path) -> u64 {
+    let c = cpath(path);
+    // SAFETY: statvfs writes only into the zeroed struct we own.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::statvfs(c.as_ptr(), &mut st) })
+        .unwrap_or_else(|e| panic!("statvfs {}: {e}", path.display()));
+    st.f_blocks as u64 * st.f_frsize as u64
+}
+
+#[test]
+fn df_counts_blockds_on_one_disk_once() {
+    let c = Cluster::start();
+    let ns = c.namespace_info("default");
+    // All three blockds of `jfs local up` share the disk under the state dir.
+    let disk = statvfs_total(&c.state);
+    let shown = statvfs_total(&c.mnt);
+    let want = disk / ns.replication;
+    assert!(
+        shown <= want + want / 100 && shown >= want - want / 10,
+        "df on the mount shows {shown} bytes; the blockds share one disk of {disk} bytes and keep {} copies, so about {want} is right",
+        ns.replication
+    );
+}

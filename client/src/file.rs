@@ -471,7 +471,7 @@ impl OpenInode {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let ab = client.allocate_block(self.ino).await?;
+            let ab = client.allocate_block(self.ino, attempt > 1).await?;
             match client.inner.blocks.write_all(ab.block_id, data, &ab.replicas).await {
                 Ok(()) => {
                     return Ok(BlockLoc {
@@ -1223,7 +1223,7 @@ pub(crate) async fn compact_chunk(client: &Client, ino: u64, index: u64) -> FsRe
         return Ok(false);
     }
     let data = Arc::new(buf);
-    let ab = client.allocate_block(ino).await?;
+    let ab = client.allocate_block(ino, false).await?;
     client.inner.blocks.write_all(ab.block_id, &data, &ab.replicas).await?;
     for s in &mut out {
         s.block_id = ab.block_id;

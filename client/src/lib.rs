@@ -739,9 +739,12 @@ impl Client {
     }
 
     /// One block id with its replicas, from a pool shared by all files.
-    async fn allocate_block(&self, ino: u64) -> FsResult<rpc::AllocatedBlock> {
+    /// `retry`: an upload of this block just failed, so blockds that failed
+    /// us lately are kept out of the placement. Only then: one slow answer
+    /// must not leave every new block with fewer copies for the next 30 s.
+    async fn allocate_block(&self, ino: u64, retry: bool) -> FsResult<rpc::AllocatedBlock> {
         let mut pool = self.inner.alloc.lock().await;
-        let avoid = self.inner.blocks.suspects();
+        let avoid = if retry { self.inner.blocks.suspects() } else { Vec::new() };
         if pool.iter().any(|b| b.replicas.iter().any(|r| avoid.contains(r))) {
             // Allocated before a blockd failed us: place them again.
             pool.clear();
@@ -757,7 +760,7 @@ impl Client {
                     hdr: Some(hdr),
                     ns,
                     ino,
-                    count: ALLOC_BATCH,
+                    count: if retry { 1 } else { ALLOC_BATCH },
                     avoid: avoid.clone(),
                 };
                 async move { c.allocate_blocks(req).await }

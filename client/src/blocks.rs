@@ -101,7 +101,9 @@ impl BlockPool {
     }
 
     fn is_suspect(&self, addr: &str) -> bool {
-        lock(&self.suspects).get(addr).is_some_and(|t| t.elapsed() < SUSPECT_FOR)
+        lock(&self.suspects)
+            .get(addr)
+            .is_some_and(|t| t.elapsed() < SUSPECT_FOR)
     }
 
     fn channel(&self, addr: &str) -> FsResult<Channel> {

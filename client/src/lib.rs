@@ -744,7 +744,11 @@ impl Client {
     /// must not leave every new block with fewer copies for the next 30 s.
     async fn allocate_block(&self, ino: u64, retry: bool) -> FsResult<rpc::AllocatedBlock> {
         let mut pool = self.inner.alloc.lock().await;
-        let avoid = if retry { self.inner.blocks.suspects() } else { Vec::new() };
+        let avoid = if retry {
+            self.inner.blocks.suspects()
+        } else {
+            Vec::new()
+        };
         if pool.iter().any(|b| b.replicas.iter().any(|r| avoid.contains(r))) {
             // Allocated before a blockd failed us: place them again.
             pool.clear();

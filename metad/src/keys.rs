@@ -40,7 +40,11 @@ pub fn session_low(client: u64) -> Vec<u8> {
 /// A block no file refers to, keyed by when it became garbage first, so a
 /// scan for blocks past their grace period stops at the first young one.
 pub fn garbage(since_ns: i64, block_id: u64) -> Vec<u8> {
-    cat(&[GARBAGE, &(since_ns.max(0) as u64).to_be_bytes(), &block_id.to_be_bytes()])
+    cat(&[
+        GARBAGE,
+        &(since_ns.max(0) as u64).to_be_bytes(),
+        &block_id.to_be_bytes(),
+    ])
 }
 
 fn ns_key(ns: u32, tag: u8, rest: &[&[u8]]) -> Vec<u8> {

@@ -1331,7 +1331,8 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
             Err(e) => return Err(e),
         };
         if current.slices.is_empty() || current.version != version {
-            self.t.put(keys::garbage(self.now, block.block_id), encode(&block.replicas));
+            self.t
+                .put(keys::garbage(self.now, block.block_id), encode(&block.replicas));
             return Ok(Reply::Compacted { applied: false });
         }
         let cs = self.chunk_size(ns)?;
@@ -1571,7 +1572,11 @@ mod tests {
         apply_command(&mut t, &cmd).unwrap().unwrap();
         let w = t.into_writes();
         fs.kv.apply(w);
-        assert!(fs.attr(f).ctime > before, "ctime went from {before} to {}", fs.attr(f).ctime);
+        assert!(
+            fs.attr(f).ctime > before,
+            "ctime went from {before} to {}",
+            fs.attr(f).ctime
+        );
     }
 
     #[test]
@@ -1829,7 +1834,11 @@ mod tests {
     }
 
     fn garbage_ids(fs: &Fs) -> Vec<u64> {
-        let mut ids: Vec<u64> = garbage(&fs.kv, i64::MAX, 10_000).unwrap().iter().map(|g| g.block_id).collect();
+        let mut ids: Vec<u64> = garbage(&fs.kv, i64::MAX, 10_000)
+            .unwrap()
+            .iter()
+            .map(|g| g.block_id)
+            .collect();
         ids.sort();
         ids
     }
@@ -1865,7 +1874,11 @@ mod tests {
         // commit that made it.
         let g = garbage(&fs.kv, i64::MAX, 100).unwrap();
         let made_at = g[0].since_ns;
-        assert!(g.iter().all(|x| x.since_ns == made_at && x.replicas == vec!["r".to_string()]), "{g:?}");
+        assert!(
+            g.iter()
+                .all(|x| x.since_ns == made_at && x.replicas == vec!["r".to_string()]),
+            "{g:?}"
+        );
         assert!(garbage(&fs.kv, made_at, 100).unwrap().is_empty());
         assert_eq!(garbage(&fs.kv, made_at + 1, 100).unwrap().len(), 2);
         assert_eq!(usage(&fs.kv, ns).unwrap().bytes, mb as u64);

@@ -44,7 +44,12 @@ fn warn_under_replicated(ns: &str, want: u32, got: usize) {
     let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
     if now >= last + 60
         && LAST
-            .compare_exchange(last, now, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed)
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
             .is_ok()
     {
         tracing::warn!(

@@ -286,7 +286,12 @@ impl JfsFs {
             // applies a LINK/MKNOD reply's attributes unconditionally, so
             // they go out no older than any answer it already has.
             Ok(a) => self.client.hand_out(a, 1, |a| {
-                reply.entry_with_ttls(&self.attr_ttl, &self.entry_ttl, &self.file_attr(a), Generation(a.generation))
+                reply.entry_with_ttls(
+                    &self.attr_ttl,
+                    &self.entry_ttl,
+                    &self.file_attr(a),
+                    Generation(a.generation),
+                )
             }),
             Err(e) => reply.error(e),
         }

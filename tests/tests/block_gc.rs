@@ -32,7 +32,10 @@ fn a_reader_keeps_its_bytes_while_another_mount_replaces_the_file() {
         .open(b.path("victim"))
         .expect("open victim on mount B");
     let first = pread_full(&fb, 0, 4096).expect("first read on mount B");
-    assert!(first[..] == old[..4096], "mount B read wrong bytes before anything changed");
+    assert!(
+        first[..] == old[..4096],
+        "mount B read wrong bytes before anything changed"
+    );
 
     // Mount A renames another file over it: the old inode's blocks become
     // garbage at once.

@@ -15,8 +15,7 @@ fn write_checked(path: &std::path::Path, data: &[u8]) {
     let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
     f.write_all(data)
         .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-    f.sync_all()
-        .unwrap_or_else(|e| panic!("fsync {}: {e}", path.display()));
+    f.sync_all().unwrap_or_else(|e| panic!("fsync {}: {e}", path.display()));
     close_checked(f).unwrap_or_else(|e| panic!("close {}: {e}", path.display()));
 }
 
@@ -50,13 +49,19 @@ fn assert_reads_back(m: &Mount, files: &[(String, Vec<u8>)], while_what: &str) {
 fn every_file_reads_back_with_any_one_blockd_down() {
     let c = Cluster::start();
     let ns = c.namespace_info("default");
-    assert_eq!(ns.replication, 3, "`jfs local up` should make namespace default with 3 copies");
+    assert_eq!(
+        ns.replication, 3,
+        "`jfs local up` should make namespace default with 3 copies"
+    );
     let mut files = Vec::new();
     for i in 0..3u64 {
         files.push((format!("big{i}"), pattern(20 * MIB + 12_345 * i as usize, i)));
     }
     for i in 0..20u64 {
-        files.push((format!("small{i}"), pattern(1 + (i as usize * 7_919) % (200 << 10), 100 + i)));
+        files.push((
+            format!("small{i}"),
+            pattern(1 + (i as usize * 7_919) % (200 << 10), 100 + i),
+        ));
     }
     for (name, data) in &files {
         write_checked(&c.path(name), data);
@@ -139,7 +144,11 @@ fn reads_skip_corrupt_copies_while_one_good_copy_is_left() {
                     stack.push(p);
                 } else if p.extension().is_some_and(|x| x == "blk") && m.len() > 0 {
                     use std::os::unix::fs::FileExt;
-                    let f = OpenOptions::new().read(true).write(true).open(&p).expect("open block file");
+                    let f = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&p)
+                        .expect("open block file");
                     let mut b = [0u8; 1];
                     f.read_exact_at(&mut b, m.len() / 2).expect("read a block byte");
                     f.write_all_at(&[b[0] ^ 0x5a], m.len() / 2).expect("corrupt a byte");
@@ -148,7 +157,10 @@ fn reads_skip_corrupt_copies_while_one_good_copy_is_left() {
             }
         }
     }
-    assert!(flipped >= 20, "expected at least 10 blocks on each of two blockds, flipped {flipped} files");
+    assert!(
+        flipped >= 20,
+        "expected at least 10 blocks on each of two blockds, flipped {flipped} files"
+    );
     let m = c.mount_second("");
     let files = vec![("victim".to_string(), data)];
     assert_reads_back(&m, &files, "with two of its three copies corrupted");

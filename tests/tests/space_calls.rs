@@ -420,8 +420,7 @@ fn statvfs_total(path: &std::path::Path) -> u64 {
     let c = cpath(path);
     // SAFETY: statvfs writes only into the zeroed struct we own.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    check(unsafe { libc::statvfs(c.as_ptr(), &mut st) })
-        .unwrap_or_else(|e| panic!("statvfs {}: {e}", path.display()));
+    check(unsafe { libc::statvfs(c.as_ptr(), &mut st) }).unwrap_or_else(|e| panic!("statvfs {}: {e}", path.display()));
     st.f_blocks as u64 * st.f_frsize as u64
 }
 

@@ -4,6 +4,7 @@
 //!   blocks/<xx>/<016x id>.blk   the block's bytes (`xx` = id & 0xff, in hex)
 //!   blocks/<xx>/<016x id>.crc   header + one CRC32C per 64 KiB chunk + CRC32C of the .crc itself
 //!   tmp/                        writes in progress
+//!   corrupt/                    blocks that failed their checksums, kept for a post-mortem
 //!
 //! A write lands in tmp/, both files are fsynced, then renamed into place — the .blk first, the .crc
 //! last — and the directory is fsynced. The .crc rename is the commit point: a block exists if and
@@ -35,6 +36,7 @@ const CRC_MAGIC: [u8; 4] = *b"JFSC";
 const CRC_VERSION: u32 = 1;
 /// magic, version, block id, block length, chunk size, chunk count, whole-block CRC, reserved.
 const CRC_HEADER_LEN: usize = 40;
+const CORRUPT_DIR: &str = "corrupt";
 /// Readers and committers of the same block serialise on one of these, so a reader always opens a
 /// .crc and a .blk of the same generation (a retried write replaces both files).
 const LOCK_STRIPES: usize = 64;
@@ -516,6 +518,95 @@ impl BlockStore {
         // which metad deletes again; a sync per delete would cost more than that.
         Ok(existed)
     }
+
+    /// Moves block `id` out of service into DATA/corrupt/, keeping its files for a post-mortem
+    /// (a name already taken there gets a numeric suffix, the same for both files). Returns where
+    /// the files went; empty when the block is not here (deleted, or quarantined by another
+    /// reader first).
+    pub fn quarantine(&self, id: u64) -> FsResult<Vec<PathBuf>> {
+        let dir = self.root.join(CORRUPT_DIR);
+        fs::create_dir_all(&dir).map_err(|e| io_error(format!("cannot create {}", dir.display()), e))?;
+        self.forget_reader(id);
+        let crc_path = self.crc_path(id);
+        let blk_path = self.blk_path(id);
+        let _g = self.write_lock(id);
+        let name = block_name(id);
+        let taken = |p: &Path| p.try_exists().unwrap_or(true);
+        let (dst_crc, dst_blk) = (0..1000u32)
+            .map(|n| {
+                let suffix = if n == 0 { String::new() } else { format!(".{n}") };
+                (
+                    dir.join(format!("{name}.crc{suffix}")),
+                    dir.join(format!("{name}.blk{suffix}")),
+                )
+            })
+            .find(|(c, b)| !taken(c) && !taken(b))
+            .ok_or_else(|| {
+                FsError::Io(format!(
+                    "{} already holds 1000 quarantined copies of block {id}; clean it up",
+                    dir.display()
+                ))
+            })?;
+        // The .crc goes first, as in delete: once it has moved, the block no longer exists here.
+        match fs::rename(&crc_path, &dst_crc) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(io_error(
+                    format!("cannot move {} to {}", crc_path.display(), dst_crc.display()),
+                    e,
+                ))
+            }
+        }
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        let mut moved = vec![dst_crc];
+        match fs::rename(&blk_path, &dst_blk) {
+            Ok(()) => moved.push(dst_blk),
+            // Its data file being gone may be the very damage found.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            // Left behind, the lone .blk is removed as debris at the next start-up.
+            Err(e) => {
+                return Err(io_error(
+                    format!("cannot move {} to {}", blk_path.display(), dst_blk.display()),
+                    e,
+                ))
+            }
+        }
+        // A read that opened the block just before the move may have cached it.
+        self.forget_reader(id);
+        // No fsync: if the move is lost in a power cut, the block is found corrupt again.
+        Ok(moved)
+    }
+
+    /// Every block stored here with its age in seconds (since its checksum file was written),
+    /// ascending by id. Takes no lock for long: a block deleted or added during the walk may or
+    /// may not be listed, and callers must expect NotFound when they open a listed block.
+    pub fn list(&self) -> FsResult<Vec<(u64, u64)>> {
+        let now = std::time::SystemTime::now();
+        let mut out = Vec::with_capacity(self.block_count() as usize);
+        for b in 0..=0xffu64 {
+            let dir = self.subdir(b);
+            let rd = fs::read_dir(&dir).map_err(|e| io_error(format!("cannot list {}", dir.display()), e))?;
+            for entry in rd {
+                let entry = entry.map_err(|e| io_error(format!("cannot list {}", dir.display()), e))?;
+                let name = entry.file_name();
+                let Some((id, "crc")) = parse_block_file(&name.to_string_lossy()) else {
+                    continue;
+                };
+                let mtime = match entry.metadata().and_then(|m| m.modified()) {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_error(format!("cannot stat {}", entry.path().display()), e)),
+                };
+                // A clock set back makes a fresh block look new rather than ancient: the safe side,
+                // since metad deletes unknown blocks only once they are old.
+                let age = now.duration_since(mtime).map(|d| d.as_secs()).unwrap_or(0);
+                out.push((id, age));
+            }
+        }
+        out.sort_unstable_by_key(|(id, _)| *id);
+        Ok(out)
+    }
 }
 
 fn corrupt_error(root: &Path, id: u64, what: String) -> FsError {
@@ -986,6 +1077,69 @@ mod tests {
         assert_eq!(s.block_count(), 0);
         assert!(!s.blk_path(0x1ff).exists() && !s.crc_path(0x1ff).exists());
         assert_eq!(s.read(0x1ff, 0, 1), Err(FsError::NotFound));
+    }
+
+    #[test]
+    fn quarantine_moves_both_files_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        s.write(0x2a, &pattern(1000, 1)).unwrap();
+        s.write(0x2b, &pattern(1000, 2)).unwrap();
+        // Cache a reader, as a service read would.
+        s.reader(0x2a).unwrap();
+        let moved = s.quarantine(0x2a).unwrap();
+        let cdir = dir.path().join("corrupt");
+        assert_eq!(
+            moved,
+            vec![cdir.join("000000000000002a.crc"), cdir.join("000000000000002a.blk")]
+        );
+        assert!(fs::read(&moved[1]).unwrap() == pattern(1000, 1));
+        assert_eq!(s.block_count(), 1);
+        assert_eq!(s.read(0x2a, 0, 1), Err(FsError::NotFound));
+        assert_eq!(s.reader(0x2a).err(), Some(FsError::NotFound));
+        assert!(
+            s.quarantine(0x2a).unwrap().is_empty(),
+            "an absent block is not quarantined"
+        );
+        assert_eq!(s.block_count(), 1);
+
+        // Stored again and found bad again: the earlier evidence is kept.
+        s.write(0x2a, &pattern(500, 3)).unwrap();
+        let moved = s.quarantine(0x2a).unwrap();
+        assert_eq!(
+            moved,
+            vec![cdir.join("000000000000002a.crc.1"), cdir.join("000000000000002a.blk.1")]
+        );
+        assert!(fs::read(cdir.join("000000000000002a.blk")).unwrap() == pattern(1000, 1));
+
+        // A restart does not bring quarantined blocks back.
+        drop(s);
+        let s = open(dir.path());
+        assert_eq!(s.block_count(), 1);
+        assert_eq!(s.list().unwrap().iter().map(|b| b.0).collect::<Vec<_>>(), vec![0x2b]);
+    }
+
+    #[test]
+    fn list_gives_ids_in_order_with_ages() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        for id in [0x300, 5, 0x1ff, 0x100] {
+            s.write(id, b"x").unwrap();
+        }
+        // Age one block by two hours.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        File::options()
+            .write(true)
+            .open(s.crc_path(5))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let l = s.list().unwrap();
+        assert_eq!(l.iter().map(|b| b.0).collect::<Vec<_>>(), vec![5, 0x100, 0x1ff, 0x300]);
+        assert!((7199..7300).contains(&l[0].1), "{l:?}");
+        assert!(l[1..].iter().all(|b| b.1 < 60), "{l:?}");
+        s.delete(0x100).unwrap();
+        assert_eq!(s.list().unwrap().len(), 3);
     }
 
     #[test]

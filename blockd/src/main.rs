@@ -3,10 +3,14 @@
 //!
 //! Start-up order: flags, config (a bad one exits with code 2), an exclusive lock on the data
 //! directory, the block store (cleaning debris of a crash), the durable identity, then the
-//! listener. It serves until SIGTERM or SIGINT.
+//! listener. Beside the service run the heartbeat (which also carries out metad's commands) and
+//! the scrubber. It serves until SIGTERM or SIGINT.
 
 mod block_store;
 mod heartbeat;
+mod replicate;
+mod report;
+mod scrub;
 mod service;
 
 use std::fs::{File, OpenOptions};
@@ -24,6 +28,9 @@ use tracing::{error, info, warn};
 
 use block_store::BlockStore;
 use heartbeat::{GrpcCaller, Heartbeat, LeaderFinder, NodeState};
+use replicate::Replicator;
+use report::Report;
+use scrub::Scrubber;
 use service::BlockService;
 
 /// How long in-flight requests may run after SIGTERM before the process exits anyway.
@@ -158,14 +165,27 @@ async fn serve(listen: String, cfg: Config, store: Arc<BlockStore>, state: NodeS
     info!(listen = %listen, "serving Block service");
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Shared by everything that finds changes metad must hear about; the heartbeat carries them.
+    let report = Report::default();
+    let replicator = Replicator::new(
+        Arc::clone(&store),
+        report.clone(),
+        listen.clone(),
+        cfg.replication_inflight as usize,
+        cfg.client_timeout,
+    );
     let hb = Heartbeat::new(
         Arc::clone(&store),
         state,
         listen.clone(),
         cfg.blockd_heartbeat,
         LeaderFinder::new(cfg.rpc_addresses.clone(), GrpcCaller::default()),
+        report.clone(),
+        replicator,
     );
     let hb_task = tokio::spawn(hb.run(stop_rx.clone()));
+    let scrubber = Scrubber::new(Arc::clone(&store), report.clone(), cfg.scrub_rate, cfg.scrub_interval);
+    let scrub_task = tokio::spawn(scrubber.run(stop_rx.clone()));
 
     let signal_tx = stop_tx.clone();
     let shutdown = async move {
@@ -177,7 +197,7 @@ async fn serve(listen: String, cfg: Config, store: Arc<BlockStore>, state: NodeS
         let _ = grace_rx.wait_for(|stopped| *stopped).await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
-    let svc = BlockService::new(store, cfg.client_timeout);
+    let svc = BlockService::new(store, cfg.client_timeout, report);
     let result = tokio::select! {
         r = service::serve(listener, svc, shutdown) => r,
         _ = grace => {
@@ -187,6 +207,7 @@ async fn serve(listen: String, cfg: Config, store: Arc<BlockStore>, state: NodeS
     };
     let _ = stop_tx.send(true);
     let _ = hb_task.await;
+    let _ = scrub_task.await;
     match result {
         Ok(()) => {
             info!("jfs-blockd stopped");

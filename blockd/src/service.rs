@@ -3,7 +3,9 @@
 //! Writes are pipelined: while one message is written to the temporary file on the blocking pool,
 //! the next one is received from the network, and no thread is held while the client is slow.
 //! Reads open the block once, then send it in verified pieces of at most 1 MiB, reading the next
-//! piece from disk while the previous one is on the wire.
+//! piece from disk while the previous one is on the wire. A read that finds a block corrupt
+//! takes it out of service (see [`crate::report::quarantine_corrupt`]) before the next client
+//! trips over it; the client itself already moves on to another replica.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
 use crate::block_store::{run_blocking, BlockReader, BlockStore, PendingBlock, MAX_BLOCK_LEN};
+use crate::report::{quarantine_in_background, Report};
 
 /// Largest piece of a read stream.
 pub const READ_PIECE: u64 = 1 << 20;
@@ -35,11 +38,17 @@ pub struct BlockService {
     store: Arc<BlockStore>,
     /// A write stream that sends nothing for this long is abandoned (its temporary file freed).
     idle_timeout: Duration,
+    /// Where corrupt blocks found by reads are reported.
+    report: Report,
 }
 
 impl BlockService {
-    pub fn new(store: Arc<BlockStore>, idle_timeout: Duration) -> BlockService {
-        BlockService { store, idle_timeout }
+    pub fn new(store: Arc<BlockStore>, idle_timeout: Duration, report: Report) -> BlockService {
+        BlockService {
+            store,
+            idle_timeout,
+            report,
+        }
     }
 
     /// The service wrapped for tonic, with jfs's message size limits.
@@ -104,6 +113,14 @@ impl Slot {
             }
         }
     }
+}
+
+/// Turns a failed read into the client's status, quarantining the block if it is corrupt.
+fn read_failed(store: &Arc<BlockStore>, report: &Report, id: u64, e: FsError) -> Status {
+    if let FsError::Corrupt(_) = e {
+        quarantine_in_background(Arc::clone(store), report.clone(), id, "serving a read", e.clone());
+    }
+    e.into()
 }
 
 /// Drops an unfinished block (removing its temporary file) off the reactor.
@@ -190,30 +207,38 @@ impl Block for BlockService {
             )));
         }
         let store = Arc::clone(&self.store);
-        let data = if len <= INLINE_READ {
+        let read = if len <= INLINE_READ {
             // A small read is one pread, nearly always from the page cache,
             // and a checksum: cheaper done here than the two thread
             // handoffs of the blocking pool.
-            store.reader(block_id)?.read(offset, len)?
+            store.reader(block_id).and_then(|r| r.read(offset, len))
         } else {
-            run_blocking(move || store.reader(block_id)?.read(offset, len)).await?
+            run_blocking(move || store.reader(block_id)?.read(offset, len)).await
         };
+        let data = read.map_err(|e| read_failed(&self.store, &self.report, block_id, e))?;
         Ok(Response::new(ReadBlockChunk { data }))
     }
 
     async fn read_block(&self, request: Request<ReadBlockRequest>) -> Result<Response<Self::ReadBlockStream>, Status> {
         let ReadBlockRequest { block_id, offset, len } = request.into_inner();
         let store = Arc::clone(&self.store);
-        let reader: Arc<BlockReader> = Arc::new(run_blocking(move || store.open_block(block_id)).await?);
+        let reader: Arc<BlockReader> = Arc::new(
+            run_blocking(move || store.open_block(block_id))
+                .await
+                .map_err(|e| read_failed(&self.store, &self.report, block_id, e))?,
+        );
         let end = offset.saturating_add(len).min(reader.len());
         let (tx, rx) = mpsc::channel(2);
+        let (store, report) = (Arc::clone(&self.store), self.report.clone());
         tokio::spawn(async move {
             let mut pos = offset;
             while pos < end {
                 let n = READ_PIECE.min(end - pos);
                 let r = Arc::clone(&reader);
                 let piece = run_blocking(move || r.read(pos, n)).await;
-                let item = piece.map(|data| ReadBlockChunk { data }).map_err(Status::from);
+                let item = piece
+                    .map(|data| ReadBlockChunk { data })
+                    .map_err(|e| read_failed(&store, &report, block_id, e));
                 let failed = item.is_err();
                 // A closed channel means the client went away: stop reading.
                 if tx.send(item).await.is_err() || failed {
@@ -238,12 +263,24 @@ mod tests {
         BlockClient<Channel>,
         tokio::sync::oneshot::Sender<()>,
     ) {
+        let (dir, store, client, stop, _) = start_reporting().await;
+        (dir, store, client, stop)
+    }
+
+    async fn start_reporting() -> (
+        tempfile::TempDir,
+        Arc<BlockStore>,
+        BlockClient<Channel>,
+        tokio::sync::oneshot::Sender<()>,
+        Report,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(BlockStore::open(dir.path()).unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let svc = BlockService::new(Arc::clone(&store), Duration::from_secs(10));
+        let report = Report::default();
+        let svc = BlockService::new(Arc::clone(&store), Duration::from_secs(10), report.clone());
         tokio::spawn(serve(listener, svc, async {
             let _ = stop_rx.await;
         }));
@@ -252,7 +289,7 @@ mod tests {
             .unwrap()
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        (dir, store, client, stop_tx)
+        (dir, store, client, stop_tx, report)
     }
 
     fn pattern(n: usize) -> Vec<u8> {
@@ -363,8 +400,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn corrupt_block_reads_as_data_loss() {
-        let (_dir, store, mut client, _stop) = start().await;
+    async fn corrupt_block_reads_as_data_loss_and_is_quarantined() {
+        let (dir, store, mut client, _stop, report) = start_reporting().await;
         let data = pattern(150_000);
         client
             .write_block(tokio_stream::iter(chunks_for(9, 150_000, &data, 1 << 20)))
@@ -377,6 +414,45 @@ mod tests {
         let st = read_all(&mut client, 9, 0, u64::MAX).await.unwrap_err();
         assert_eq!(st.code(), tonic::Code::DataLoss);
         assert!(matches!(FsError::from(st), FsError::Corrupt(m) if m.contains("chunk 0")));
+
+        // Out of service (in the background) and reported; the next read is a plain miss.
+        for _ in 0..200 {
+            if !report.outgoing().corrupt.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(report.outgoing().corrupt, vec![9]);
+        assert_eq!(store.block_count(), 0);
+        assert!(dir.path().join("corrupt/0000000000000009.blk").exists());
+        assert!(dir.path().join("corrupt/0000000000000009.crc").exists());
+        let st = read_all(&mut client, 9, 0, u64::MAX).await.unwrap_err();
+        assert_eq!(st.code(), tonic::Code::NotFound);
+
+        // The same through ReadRange, with the damage found when the block is opened.
+        client
+            .write_block(tokio_stream::iter(chunks_for(10, 150_000, &data, 1 << 20)))
+            .await
+            .unwrap();
+        let crc = store.root().join("blocks/0a/000000000000000a.crc");
+        let mut b = std::fs::read(&crc).unwrap();
+        b[45] ^= 1;
+        std::fs::write(&crc, b).unwrap();
+        let req = ReadBlockRequest {
+            block_id: 10,
+            offset: 0,
+            len: 10,
+        };
+        let st = client.read_range(req).await.unwrap_err();
+        assert_eq!(st.code(), tonic::Code::DataLoss);
+        for _ in 0..200 {
+            if report.outgoing().corrupt.len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(report.outgoing().corrupt, vec![9, 10]);
+        assert!(dir.path().join("corrupt/000000000000000a.crc").exists());
     }
 
     /// Throughput on this machine: `cargo test --release -p jfs-blockd -- --ignored --nocapture`.

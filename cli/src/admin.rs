@@ -1,12 +1,13 @@
 //! `jfs admin`: cluster-level administration through the metad leader.
 //!
-//! For now: namespaces (create, list). Calls go through jfs-client's
+//! Namespaces (create, list, replication) and blockds (list, decommission,
+//! remove). Calls go through jfs-client's
 //! leader-following `MetaClient`, so they work whichever node leads and
 //! survive a failover in the middle (mutations are sent exactly once).
 
 use jfs_client::MetaClient;
 use jfs_common::config::Config;
-use jfs_common::FsError;
+use jfs_common::{rpc, FsError};
 
 use crate::metastatus::format_table;
 use crate::{CliError, CliResult};
@@ -88,6 +89,120 @@ pub async fn list_namespaces(cfg: &Config) -> CliResult<()> {
         .collect();
     let table = format_table(&["NAME", "ID", "BLOCK SIZE", "REPLICATION", "MODE"], &rows);
     crate::say!("{}", table.trim_end());
+    Ok(())
+}
+
+pub async fn set_replication(cfg: &Config, name: &str, replication: u32) -> CliResult<()> {
+    if replication == 0 || replication > 16 {
+        return Err(CliError::Usage(format!(
+            "replication {replication}: must be between 1 and 16"
+        )));
+    }
+    let name = name.to_string();
+    let ns = meta_client(cfg)
+        .call_mut(|mut c, hdr| {
+            let req = rpc::SetReplicationRequest {
+                hdr: Some(hdr),
+                namespace: name.clone(),
+                replication,
+            };
+            async move { c.set_replication(req).await }
+        })
+        .await?;
+    crate::say!(
+        "namespace {:?}: replication {} — existing blocks are copied or trimmed to match in the background \
+         (`jfs fsck jfs://{}/` shows progress)",
+        ns.name,
+        ns.replication,
+        ns.name
+    );
+    Ok(())
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+pub async fn list_blockds(cfg: &Config) -> CliResult<()> {
+    let reply = meta_client(cfg)
+        .call(|mut c| async move { c.list_blockds(rpc::ListBlockdsRequest {}).await })
+        .await?;
+    let mut list = reply.blockds;
+    list.sort_by(|a, b| a.address.cmp(&b.address).then(a.id.cmp(&b.id)));
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|b| {
+            vec![
+                b.id.clone(),
+                b.address.clone(),
+                b.state.clone(),
+                bytes(b.capacity_bytes),
+                bytes(b.capacity_bytes.saturating_sub(b.free_bytes)),
+                b.block_count.to_string(),
+                b.listed_blocks.to_string(),
+                if b.last_heartbeat_ms_ago < 0 {
+                    "never (since this leader took over)".into()
+                } else {
+                    format!("{:.1}s ago", b.last_heartbeat_ms_ago as f64 / 1000.0)
+                },
+            ]
+        })
+        .collect();
+    let table = format_table(
+        &[
+            "ID",
+            "ADDRESS",
+            "STATE",
+            "CAPACITY",
+            "USED",
+            "BLOCKS",
+            "LISTED",
+            "LAST HEARTBEAT",
+        ],
+        &rows,
+    );
+    crate::say!("{}", table.trim_end());
+    Ok(())
+}
+
+/// `state`: "decommission", "normal" or "remove".
+pub async fn set_blockd_state(cfg: &Config, id: &str, state: &str) -> CliResult<()> {
+    let (id, st) = (id.to_string(), state.to_string());
+    meta_client(cfg)
+        .call_mut(|mut c, hdr| {
+            let req = rpc::SetBlockdStateRequest {
+                hdr: Some(hdr),
+                id: id.clone(),
+                state: st.clone(),
+            };
+            async move { c.set_blockd_state(req).await }
+        })
+        .await
+        .map_err(|e| match e {
+            FsError::NotFound => CliError::Failed(format!(
+                "no blockd with id {id:?}; `jfs admin blockd list` shows the ids"
+            )),
+            e => e.into(),
+        })?;
+    match state {
+        "decommission" => crate::say!(
+            "blockd {id}: decommissioning — its blocks are being copied elsewhere; it is safe to stop once \
+             `jfs admin blockd list` shows it decommissioned"
+        ),
+        "normal" => crate::say!("blockd {id}: back in normal service"),
+        _ => crate::say!("blockd {id}: removed; blocks it held are re-replicated from the other copies"),
+    }
     Ok(())
 }
 

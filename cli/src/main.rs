@@ -7,6 +7,7 @@
 
 mod admin;
 mod fs_cmd;
+mod fsck;
 mod local_cluster;
 mod metastatus;
 
@@ -58,13 +59,22 @@ enum Command {
     /// Show every metad node's role, term and log position. Exits 1 when no leader is visible.
     Metastatus(MetastatusArgs),
 
-    /// Cluster administration: namespaces.
+    /// Cluster administration: namespaces and blockds.
     #[command(subcommand)]
     Admin(AdminCommand),
 
     /// Read and write files of a namespace without mounting it (URIs look like jfs://default/dir/file).
     #[command(subcommand)]
     Fs(FsCommand),
+
+    /// List blocks that are missing or have fewer copies than their namespace asks for.
+    /// Exits 1 when there are any.
+    Fsck {
+        /// Check only this tree (jfs://NAMESPACE/PATH) and name the files; default: every block of
+        /// every namespace.
+        #[arg(value_name = "URI")]
+        uri: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -122,6 +132,47 @@ enum AdminCommand {
     },
     /// List namespaces with their block size and replication.
     ListNamespaces,
+    /// Namespaces: replication.
+    #[command(subcommand)]
+    Namespace(NamespaceCommand),
+    /// Storage daemons: list, decommission, remove.
+    #[command(subcommand)]
+    Blockd(BlockdCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum NamespaceCommand {
+    /// Change how many copies of each block a namespace keeps; existing blocks follow in the
+    /// background.
+    SetReplication {
+        #[arg(value_name = "NAMESPACE")]
+        name: String,
+        #[arg(value_name = "N")]
+        replication: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BlockdCommand {
+    /// Every blockd metad knows: id, address, state, capacity, use, blocks, last heartbeat.
+    List,
+    /// Drain a blockd: copy its blocks elsewhere and place nothing new on it. Stop it once
+    /// `list` shows it decommissioned.
+    Decommission {
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+    /// Cancel a decommission: the blockd takes new blocks again.
+    Recommission {
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+    /// Forget a stopped blockd for good (its disk is gone). Its blocks are copied from the
+    /// other replicas.
+    Remove {
+        #[arg(value_name = "ID")]
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -303,7 +354,27 @@ async fn run(cli: Cli) -> CliResult<()> {
                     if_not_exists,
                 } => admin::create_namespace(&cfg, &name, block_size, replication, if_not_exists).await,
                 AdminCommand::ListNamespaces => admin::list_namespaces(&cfg).await,
+                AdminCommand::Namespace(NamespaceCommand::SetReplication { name, replication }) => {
+                    admin::set_replication(&cfg, &name, replication).await
+                }
+                AdminCommand::Blockd(BlockdCommand::List) => admin::list_blockds(&cfg).await,
+                AdminCommand::Blockd(BlockdCommand::Decommission { id }) => {
+                    admin::set_blockd_state(&cfg, &id, "decommission").await
+                }
+                AdminCommand::Blockd(BlockdCommand::Recommission { id }) => {
+                    admin::set_blockd_state(&cfg, &id, "normal").await
+                }
+                AdminCommand::Blockd(BlockdCommand::Remove { id }) => {
+                    admin::set_blockd_state(&cfg, &id, "remove").await
+                }
             }
+        }
+        Command::Fsck { uri } => {
+            if let Some(u) = &uri {
+                fs_cmd::JfsUri::parse(u)?;
+            }
+            let cfg = load_config(&resolve_conf_path(conf)?)?;
+            fsck::run(&cfg, uri.as_deref()).await
         }
         Command::Fs(cmd) => {
             // Parse the URI before touching the config, so a typo is reported as what it is.

@@ -86,6 +86,9 @@ enum BatchData {
 struct Batch {
     parts: Vec<Part>,
     data: BatchData,
+    /// A commit naming these blocks was sent: whatever became of it, the
+    /// blocks must not be abandoned (it may yet be applied).
+    commit_sent: bool,
 }
 
 impl Batch {
@@ -478,9 +481,18 @@ impl OpenInode {
                         block_id: ab.block_id,
                         len: data.len() as u64,
                         replicas: ab.replicas,
+                        replica_ids: ab.replica_ids,
                     })
                 }
                 Err(e) => {
+                    // Some replicas may hold this attempt's copy: never to be
+                    // committed, so handed back.
+                    client.abandon_later(vec![BlockLoc {
+                        block_id: ab.block_id,
+                        len: data.len() as u64,
+                        replicas: ab.replicas,
+                        replica_ids: ab.replica_ids,
+                    }]);
                     // Ids allocated with the same (maybe dead) replicas are suspect.
                     client.forget_allocations().await;
                     if matches!(e, FsError::NoSpace(_)) || attempt >= UPLOAD_ATTEMPTS || Instant::now() >= deadline {
@@ -581,7 +593,7 @@ impl OpenInode {
     /// commit. The caller holds `commit_lock`.
     async fn commit_stored(self: &Arc<Self>, client: &Client) -> FsResult<bool> {
         let (seqs, new_blocks, slices) = {
-            let st = lock(&self.state);
+            let mut st = lock(&self.state);
             // Sticky until the last handle closes: committing the blocks
             // that did arrive would publish a file with a piece missing.
             if let Some(e) = &st.error {
@@ -594,7 +606,9 @@ impl OpenInode {
             let mut new_blocks = Vec::new();
             let mut slices = Vec::new();
             for seq in &seqs {
-                let b = &st.batches[seq];
+                let Some(b) = st.batches.get_mut(seq) else { continue };
+                b.commit_sent = true;
+                let b = &*b;
                 if let BatchData::Stored(locs) = &b.data {
                     new_blocks.extend(locs.iter().cloned());
                 }
@@ -820,6 +834,7 @@ fn queue_batch(st: &mut State, bufs: Vec<Vec<u8>>, parts: Vec<Part>) -> Option<(
                 bufs: bufs.clone(),
                 stored: vec![None; bufs.len()],
             },
+            commit_sent: false,
         },
     );
     st.in_flight += bufs.len();
@@ -1126,6 +1141,21 @@ async fn close_handle(client: &Client, f: &Arc<OpenInode>) {
         if open.get(&f.ino).is_some_and(|g| Arc::ptr_eq(g, f)) {
             open.remove(&f.ino);
         }
+        if st.error.is_some() {
+            // The write failed for good: blocks it stored and never tried
+            // to commit would hold disk space until a block report finds
+            // them. Hand them back now.
+            let batches = std::mem::take(&mut st.batches);
+            let locs: Vec<BlockLoc> = batches
+                .into_values()
+                .filter(|b| !b.commit_sent)
+                .flat_map(|b| match b.data {
+                    BatchData::Stored(locs) => locs,
+                    BatchData::Memory { stored, .. } => stored.into_iter().flatten().collect(),
+                })
+                .collect();
+            client.abandon_later(locs);
+        }
         // Still referenced otherwise (pinned): the last unpin frees it.
         st.orphan
             && match lock(&client.inner.pins).get_mut(&f.ino) {
@@ -1232,6 +1262,7 @@ pub(crate) async fn compact_chunk(client: &Client, ino: u64, index: u64) -> FsRe
         block_id: ab.block_id,
         len: data.len() as u64,
         replicas: ab.replicas,
+        replica_ids: ab.replica_ids,
     };
     let ns = client.ns_id();
     let wire: Vec<rpc::Slice> = out.iter().map(|s| (*s).into()).collect();

@@ -753,8 +753,12 @@ impl Client {
             // Allocated before a blockd failed us: place them again.
             pool.clear();
         }
-        if let Some(b) = pool.pop_front() {
-            return Ok(b);
+        // A retry never takes a pooled block: another task may have
+        // refilled the pool without avoiding the blockd that just failed.
+        if !retry {
+            if let Some(b) = pool.pop_front() {
+                return Ok(b);
+            }
         }
         let ns = self.ns_id();
         let reply = self
@@ -770,9 +774,43 @@ impl Client {
                 async move { c.allocate_blocks(req).await }
             })
             .await?;
-        pool.extend(reply.blocks);
-        pool.pop_front()
-            .ok_or_else(|| FsError::NoSpace("metad allocated no block (no live blockd with free space?)".into()))
+        let mut blocks = reply.blocks.into_iter();
+        let first = blocks
+            .next()
+            .ok_or_else(|| FsError::NoSpace("metad allocated no block (no live blockd with free space?)".into()))?;
+        pool.extend(blocks);
+        Ok(first)
+    }
+
+    /// Tells metad, in the background, that these stored blocks will never
+    /// be committed, so their copies are deleted now. Best effort: a block
+    /// report finds whatever this misses (after the orphan age).
+    pub(crate) fn abandon_later(&self, blocks: Vec<rpc::BlockLoc>) {
+        if blocks.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let ns = me.ns_id();
+            let n = blocks.len();
+            let res = me
+                .meta()
+                .call_mut(|mut c, hdr| {
+                    let req = rpc::AbandonBlocksRequest {
+                        hdr: Some(hdr),
+                        ns,
+                        blocks: blocks.clone(),
+                    };
+                    async move { c.abandon_blocks(req).await }
+                })
+                .await;
+            match res {
+                Ok(_) => tracing::debug!(blocks = n, "handed back blocks of a failed write"),
+                Err(e) => {
+                    tracing::warn!(blocks = n, error = %e, "could not hand back blocks of a failed write; block reports will reclaim them")
+                }
+            }
+        });
     }
 
     /// Drops pooled allocations (their replicas may include a dead blockd).

@@ -51,6 +51,14 @@ pub struct Config {
     pub blockd_dead_after: Duration,
     /// How long a block nothing refers to is kept before blockds delete it.
     pub block_gc_grace: Duration,
+    /// How often the metad leader asks each blockd for a full block report.
+    pub block_report_interval: Duration,
+    /// Bytes per second the blockd scrubber reads to verify checksums (0 = off).
+    pub scrub_rate: u64,
+    /// Pause between two full scrub passes.
+    pub scrub_interval: Duration,
+    /// Blocks one blockd copies from others at a time when healing.
+    pub replication_inflight: u32,
     pub client_timeout: Duration,
     pub attr_timeout: Duration,
     pub entry_timeout: Duration,
@@ -72,6 +80,11 @@ impl Default for Config {
             blockd_dead_after: Duration::from_millis(10_000),
             // As Garage: long enough for any reader holding an old chunk map.
             block_gc_grace: Duration::from_secs(600),
+            block_report_interval: Duration::from_secs(3600),
+            // Garage-like: a slow background pass that never competes with clients.
+            scrub_rate: 16 << 20,
+            scrub_interval: Duration::from_secs(7 * 24 * 3600),
+            replication_inflight: 4,
             client_timeout: Duration::from_secs(60),
             attr_timeout: Duration::from_secs(1),
             entry_timeout: Duration::from_secs(1),
@@ -138,6 +151,22 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("blockd.gc-grace-ms", |c, v| {
         c.block_gc_grace = as_ms(v, 0, 7 * 24 * 3_600_000)?;
+        Ok(())
+    }),
+    ("blockd.block-report-interval-ms", |c, v| {
+        c.block_report_interval = as_ms(v, 1_000, 7 * 24 * 3_600_000)?;
+        Ok(())
+    }),
+    ("blockd.scrub-rate-mib", |c, v| {
+        c.scrub_rate = as_int(v, 0, 100_000)? << 20;
+        Ok(())
+    }),
+    ("blockd.scrub-interval-ms", |c, v| {
+        c.scrub_interval = as_ms(v, 0, 365 * 24 * 3_600_000)?;
+        Ok(())
+    }),
+    ("blockd.replication-max-inflight", |c, v| {
+        c.replication_inflight = as_int(v, 1, 64)? as u32;
         Ok(())
     }),
     ("client.timeout-ms", |c, v| {

@@ -19,6 +19,9 @@ pub struct BlockdInfo {
     pub free: u64,
     /// "host:device" of the blockd's data directory ("" = unknown).
     pub filesystem: String,
+    pub block_count: u64,
+    /// Being decommissioned: no new blocks, its copies move elsewhere.
+    pub draining: bool,
     pub last_seen: Instant,
 }
 
@@ -43,6 +46,21 @@ impl BlockdRegistry {
 
     pub fn heartbeat(&self, info: BlockdInfo) {
         self.lock().insert(info.id.clone(), info);
+    }
+
+    pub fn get(&self, id: &str) -> Option<BlockdInfo> {
+        self.lock().get(id).cloned()
+    }
+
+    pub fn is_live(&self, id: &str) -> bool {
+        self.lock()
+            .get(id)
+            .is_some_and(|b| b.last_seen.elapsed() < self.dead_after)
+    }
+
+    /// Forgets everything: a new term's leader rebuilds it from heartbeats.
+    pub fn clear(&self) {
+        self.lock().clear();
     }
 
     pub fn live(&self) -> Vec<BlockdInfo> {
@@ -71,18 +89,38 @@ impl BlockdRegistry {
     /// Up to `n` distinct live blockds for a new block: the ones with the
     /// most free space are preferred, with ties broken at random so
     /// concurrent writers spread out. Nodes with less than `min_free` bytes
-    /// free are skipped, and so are the addresses in `avoid` (nodes a
-    /// client just failed to reach) unless no other node is left.
-    pub fn place(&self, n: usize, min_free: u64, avoid: &[String]) -> Vec<String> {
-        let mut live: Vec<BlockdInfo> = self.live().into_iter().filter(|b| b.free >= min_free).collect();
-        if live.iter().any(|b| !avoid.contains(&b.address)) {
-            live.retain(|b| !avoid.contains(&b.address));
+    /// free and draining nodes are skipped, and so are the ids or addresses
+    /// in `avoid` (nodes a client just failed to reach) unless no other
+    /// node is left.
+    pub fn place(&self, n: usize, min_free: u64, avoid: &[String]) -> Vec<BlockdInfo> {
+        let mut live: Vec<BlockdInfo> = self
+            .live()
+            .into_iter()
+            .filter(|b| b.free >= min_free && !b.draining)
+            .collect();
+        let avoided = |b: &BlockdInfo| avoid.contains(&b.address) || avoid.contains(&b.id);
+        if live.iter().any(|b| !avoided(b)) {
+            live.retain(|b| !avoided(b));
         }
         live.shuffle(&mut rand::thread_rng());
         // Bucket free space coarsely so a few MiB of difference does not
         // send every block to the same node.
         live.sort_by_key(|b| std::cmp::Reverse(b.free >> 30));
-        live.into_iter().take(n).map(|b| b.address).collect()
+        live.truncate(n);
+        live
+    }
+
+    /// One blockd to receive a copy of a block: never one in `exclude` (it
+    /// already has a copy), never a full or draining one.
+    pub fn place_copy(&self, min_free: u64, exclude: &[String]) -> Option<BlockdInfo> {
+        let mut live: Vec<BlockdInfo> = self
+            .live()
+            .into_iter()
+            .filter(|b| b.free >= min_free && !b.draining && !exclude.contains(&b.id))
+            .collect();
+        live.shuffle(&mut rand::thread_rng());
+        live.sort_by_key(|b| std::cmp::Reverse(b.free >> 30));
+        live.into_iter().next()
     }
 }
 
@@ -97,6 +135,8 @@ mod tests {
             capacity: 100 << 30,
             free: free_gib << 30,
             filesystem: String::new(),
+            block_count: 0,
+            draining: false,
             last_seen: Instant::now() - age,
         }
     }
@@ -108,8 +148,8 @@ mod tests {
         r.heartbeat(info("b", 0, Duration::ZERO));
         r.heartbeat(info("c", 90, Duration::from_secs(60)));
         r.heartbeat(info("d", 80, Duration::ZERO));
-        let p = r.place(3, 1 << 20, &[]);
-        assert_eq!(p, vec!["d:8201".to_string(), "a:8201".to_string()]);
+        let p: Vec<String> = r.place(3, 1 << 20, &[]).into_iter().map(|b| b.id).collect();
+        assert_eq!(p, vec!["d".to_string(), "a".to_string()]);
         assert_eq!(r.live().len(), 3);
     }
 
@@ -131,11 +171,29 @@ mod tests {
         for id in ["a", "b", "c"] {
             r.heartbeat(info(id, 50, Duration::ZERO));
         }
-        let mut p = r.place(3, 1 << 20, &["b:8201".to_string()]);
+        let mut p: Vec<String> = r
+            .place(3, 1 << 20, &["b:8201".to_string()])
+            .into_iter()
+            .map(|b| b.address)
+            .collect();
         p.sort();
         assert_eq!(p, vec!["a:8201".to_string(), "c:8201".to_string()]);
         // Every node failed: placing somewhere beats failing the write.
         let all: Vec<String> = ["a", "b", "c"].iter().map(|i| format!("{i}:8201")).collect();
         assert_eq!(r.place(3, 1 << 20, &all).len(), 3);
+    }
+
+    #[test]
+    fn copies_go_to_a_node_without_one_and_never_to_a_draining_node() {
+        let r = BlockdRegistry::new(Duration::from_secs(10));
+        for id in ["a", "b", "c", "d"] {
+            let mut i = info(id, 50, Duration::ZERO);
+            i.draining = id == "d";
+            r.heartbeat(i);
+        }
+        assert!(r.place(4, 1, &[]).iter().all(|b| b.id != "d"));
+        let t = r.place_copy(1, &["a".into(), "b".into()]).unwrap();
+        assert_eq!(t.id, "c");
+        assert!(r.place_copy(1, &["a".into(), "b".into(), "c".into()]).is_none());
     }
 }

@@ -10,11 +10,12 @@
 //! | `N` namespace name          | `NamespaceRec`                 |
 //! | `S` client seq              | saved reply of one request     |
 //! | `L` client                  | client's acked_below watermark |
-//! | `G` block id                | block waiting for deletion     |
+//! | `G` since block id          | block waiting for deletion     |
+//! | `K` block id                | block: ns, length, replicas, refs |
+//! | `B` blockd id               | blockd: address, state         |
 //! | `F` ns `i` ino              | inode                          |
 //! | `F` ns `d` parent name      | directory entry                |
 //! | `F` ns `c` ino chunk index  | chunk: version and slices      |
-//! | `F` ns `k` block id         | block: length, replicas, refs  |
 //! | `F` ns `x` ino name         | xattr value                    |
 //! | `F` ns `o` ino              | open-unlinked (orphan) inode   |
 //! | `F` ns `m` name             | namespace counters and record  |
@@ -24,6 +25,18 @@ pub const NEXT_BLOCK: &[u8] = b"Cnext_block";
 pub const NEXT_NS: &[u8] = b"Cnext_ns";
 pub const NAMESPACES: &[u8] = b"N";
 pub const GARBAGE: &[u8] = b"G";
+/// Block ids come from one cluster-wide counter, so the block table is
+/// cluster-wide too: a block report (ids in a range) is one key range.
+pub const BLOCKS: &[u8] = b"K";
+pub const BLOCKDS: &[u8] = b"B";
+
+pub fn block(block_id: u64) -> Vec<u8> {
+    cat(&[BLOCKS, &block_id.to_be_bytes()])
+}
+
+pub fn blockd(id: &str) -> Vec<u8> {
+    cat(&[BLOCKDS, id.as_bytes()])
+}
 
 pub fn namespace(name: &str) -> Vec<u8> {
     cat(&[b"N", name.as_bytes()])
@@ -78,10 +91,6 @@ pub fn chunk_prefix(ns: u32, ino: u64) -> Vec<u8> {
     ns_key(ns, b'c', &[&ino.to_be_bytes()])
 }
 
-pub fn block_info(ns: u32, block_id: u64) -> Vec<u8> {
-    ns_key(ns, b'k', &[&block_id.to_be_bytes()])
-}
-
 pub fn xattr(ns: u32, ino: u64, name: &[u8]) -> Vec<u8> {
     ns_key(ns, b'x', &[&ino.to_be_bytes(), name])
 }
@@ -115,6 +124,8 @@ pub const CHUNK_INDEX_OFFSET: usize = 1 + 4 + 1 + 8;
 pub const XATTR_NAME_OFFSET: usize = 1 + 4 + 1 + 8;
 pub const GARBAGE_SINCE_OFFSET: usize = 1;
 pub const GARBAGE_ID_OFFSET: usize = 9;
+pub const BLOCK_ID_OFFSET: usize = 1;
+pub const BLOCKD_ID_OFFSET: usize = 1;
 
 #[cfg(test)]
 mod tests {

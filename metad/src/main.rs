@@ -7,6 +7,8 @@
 //! accepts as long as the configuration is identical everywhere.
 
 mod blockd_registry;
+mod fsck;
+mod healer;
 mod keys;
 mod kv;
 mod lease;
@@ -215,6 +217,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let blockds = Arc::new(BlockdRegistry::new(cfg.blockd_dead_after));
     tokio::spawn(ensure_cluster_id(raft.clone(), view.clone(), me.id));
+    let healer = Arc::new(healer::Healer::new(cfg.clone(), blockds.clone(), view.clone()));
 
     let meta = service::MetaService {
         raft: raft.clone(),
@@ -226,6 +229,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         node_id: me.id,
         cfg: cfg.clone(),
         blockds,
+        healer: healer.clone(),
     };
     let rpc_addr = resolve(&me.rpc_addr).await?;
     let raft_addr = resolve(&me.raft_addr).await?;
@@ -252,7 +256,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_a = stop_rx.clone();
-    let mut stop_b = stop_rx;
+    let mut stop_b = stop_rx.clone();
+    let stop_rx_healer = stop_rx;
     let rpc_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(meta_svc)
@@ -266,12 +271,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let _ = stop_b.changed().await;
         });
     let servers = tokio::spawn(async move { tokio::try_join!(rpc_server, raft_server) });
+    let healing = tokio::spawn(healer::run(healer, raft.clone(), me.id, stop_rx_healer));
 
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), raft.shutdown()).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), servers).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), healing).await;
     db.flush_wal(true).ok();
     Ok(())
 }

@@ -22,7 +22,8 @@ use std::collections::BTreeMap;
 use jfs_common::slices::{self, Slice};
 
 use crate::raft_types::{
-    ApplyResult, AttrRec, BlockInfo, ChunkRec, Command, NamespaceRec, NewBlock, Op, Reply, TimeSet,
+    ApplyResult, AttrRec, BlockInfo, BlockdRec, BlockdState, ChunkRec, Command, NamespaceRec, NewBlock, Op, Reply,
+    TimeSet,
 };
 
 pub const ROOT_INO: u64 = 1;
@@ -304,7 +305,7 @@ pub fn get_chunks<R: KvRead + ?Sized>(
     }
     let mut blocks = Vec::with_capacity(ids.len());
     for id in ids {
-        match kv.get(&keys::block_info(ns, id))? {
+        match kv.get(&keys::block(id))? {
             Some(v) => blocks.push((id, decode("block", &v)?)),
             None => {
                 return Err(KvError(format!("inode {ino} refers to block {id}, which the block table lacks")).into())
@@ -357,6 +358,44 @@ pub fn garbage<R: KvRead + ?Sized>(kv: &R, before_ns: i64, limit: usize) -> Resu
             block_id: id,
             replicas: decode("garbage", &v)?,
         });
+    }
+    Ok(out)
+}
+
+/// The blockds the replicated state knows, by id.
+pub fn blockds<R: KvRead + ?Sized>(kv: &R) -> Result<Vec<(String, BlockdRec)>, KvError> {
+    let mut out = Vec::new();
+    for (k, v) in kv.scan(keys::BLOCKDS, None, usize::MAX)? {
+        let id = String::from_utf8_lossy(&k[keys::BLOCKD_ID_OFFSET..]).into_owned();
+        out.push((id, decode("blockd", &v)?));
+    }
+    Ok(out)
+}
+
+pub fn block<R: KvRead + ?Sized>(kv: &R, id: u64) -> Result<Option<BlockInfo>, KvError> {
+    kv.get(&keys::block(id))?.map(|v| decode("block", &v)).transpose()
+}
+
+/// Up to `limit` blocks of the block table with ids in (after, upto], in
+/// id order.
+pub fn blocks_in_range<R: KvRead + ?Sized>(
+    kv: &R,
+    after: u64,
+    upto: u64,
+    limit: usize,
+) -> Result<Vec<(u64, BlockInfo)>, KvError> {
+    let mut out = Vec::new();
+    let from = keys::block(after);
+    let start = if after == 0 { None } else { Some(from.as_slice()) };
+    for (k, v) in kv.scan(keys::BLOCKS, start, limit)? {
+        let id = keys::be_u64_at(&k, keys::BLOCK_ID_OFFSET).ok_or_else(|| KvError(format!("bad block key {k:?}")))?;
+        if id <= after {
+            continue;
+        }
+        if id > upto {
+            break;
+        }
+        out.push((id, decode("block", &v)?));
     }
     Ok(out)
 }
@@ -553,10 +592,124 @@ fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<R
             }
             Ok(Reply::Ok)
         }
+        Op::RegisterBlockd {
+            id,
+            address,
+            filesystem,
+        } => {
+            let key = keys::blockd(id);
+            let state = match c.t.get(&key)? {
+                Some(v) => decode::<BlockdRec>("blockd", &v)?.state,
+                None => BlockdState::Normal,
+            };
+            let rec = BlockdRec {
+                address: address.clone(),
+                filesystem: filesystem.clone(),
+                state,
+            };
+            c.t.put(key, encode(&rec));
+            Ok(Reply::Ok)
+        }
+        Op::SetBlockdState { id, state } => {
+            let key = keys::blockd(id);
+            let Some(v) = c.t.get(&key)? else {
+                return Err(FsError::NotFound.into());
+            };
+            match state {
+                Some(state) => {
+                    let mut rec: BlockdRec = decode("blockd", &v)?;
+                    rec.state = *state;
+                    c.t.put(key, encode(&rec));
+                }
+                None => c.t.delete(key),
+            }
+            Ok(Reply::Ok)
+        }
+        Op::AddReplica { block, blockd, drop } => {
+            let key = keys::block(*block);
+            // Freed while the copy was made: the copy is an orphan, which
+            // the next block report of that blockd reclaims.
+            let Some(v) = c.t.get(&key)? else {
+                return Ok(Reply::Compacted { applied: false });
+            };
+            let mut b: BlockInfo = decode("block", &v)?;
+            b.replicas.retain(|r| !drop.contains(r));
+            if !b.replicas.contains(blockd) {
+                b.replicas.push(blockd.clone());
+            }
+            c.t.put(key, encode(&b));
+            Ok(Reply::Compacted { applied: true })
+        }
+        Op::DropReplicas {
+            block,
+            blockds,
+            to_garbage,
+        } => {
+            let key = keys::block(*block);
+            let Some(v) = c.t.get(&key)? else {
+                return Ok(Reply::Compacted { applied: false });
+            };
+            let mut b: BlockInfo = decode("block", &v)?;
+            let dropped: Vec<String> = b.replicas.iter().filter(|r| blockds.contains(r)).cloned().collect();
+            if dropped.is_empty() {
+                return Ok(Reply::Compacted { applied: false });
+            }
+            b.replicas.retain(|r| !blockds.contains(r));
+            c.t.put(key, encode(&b));
+            if *to_garbage {
+                c.add_garbage(*block, &dropped)?;
+            }
+            Ok(Reply::Compacted { applied: true })
+        }
+        Op::AbandonBlocks { blocks } => {
+            for b in blocks {
+                if b.block_id == slices::ZERO_BLOCK || c.t.get(&keys::block(b.block_id))?.is_some() {
+                    continue;
+                }
+                // Since the epoch: past any grace period, as no reader can
+                // hold a map naming a block that was never committed.
+                let key = keys::garbage(0, b.block_id);
+                c.t.put(key, encode(&b.replicas));
+            }
+            Ok(Reply::Ok)
+        }
+        Op::SetReplication { name, replication } => {
+            if *replication == 0 || *replication > 16 {
+                return Err(FsError::InvalidArgument(format!("replication {replication}: must be 1..16")).into());
+            }
+            let Some(v) = c.t.get(&keys::namespace(name))? else {
+                return Err(FsError::NamespaceNotFound(name.clone()).into());
+            };
+            let mut rec: NamespaceRec = decode("namespace", &v)?;
+            rec.replication = *replication;
+            c.t.put(keys::namespace(name), encode(&rec));
+            c.t.put(keys::ns_meta(rec.id, "record"), encode(&rec));
+            Ok(Reply::Namespace(rec))
+        }
     }
 }
 
 impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
+    /// Queues copies of a block for deletion once the grace period is over.
+    /// An entry of the same moment (two drops in one command) is merged.
+    fn add_garbage(&mut self, block: u64, replicas: &[String]) -> NsResult<()> {
+        if replicas.is_empty() {
+            return Ok(());
+        }
+        let key = keys::garbage(self.now, block);
+        let mut all: Vec<String> = match self.t.get(&key)? {
+            Some(v) => decode("garbage", &v)?,
+            None => Vec::new(),
+        };
+        for r in replicas {
+            if !all.contains(r) {
+                all.push(r.clone());
+            }
+        }
+        self.t.put(key, encode(&all));
+        Ok(())
+    }
+
     fn inode(&self, ns: u32, ino: u64) -> NsResult<Inode> {
         match self.t.get(&keys::inode(ns, ino))? {
             Some(v) => Ok(decode("inode", &v)?),
@@ -1025,7 +1178,7 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
     /// garbage table (deleted on their blockds by heartbeat commands).
     fn apply_refs(&mut self, ns: u32, refs: RefDelta) -> NsResult<()> {
         for (id, delta) in refs.0 {
-            let key = keys::block_info(ns, id);
+            let key = keys::block(id);
             let Some(v) = self.t.get(&key)? else {
                 if delta > 0 {
                     return Err(FsError::InvalidArgument(format!("block {id} is not known to metad")).into());
@@ -1033,10 +1186,13 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
                 continue;
             };
             let mut b: BlockInfo = decode("block", &v)?;
+            if b.ns != ns {
+                return Err(FsError::InvalidArgument(format!("block {id} belongs to another namespace")).into());
+            }
             let refs = (b.refs as i64).saturating_add(delta);
             if refs <= 0 {
                 self.t.delete(key);
-                self.t.put(keys::garbage(self.now, id), encode(&b.replicas));
+                self.add_garbage(id, &b.replicas)?;
             } else {
                 b.refs = refs as u64;
                 self.t.put(key, encode(&b));
@@ -1199,14 +1355,24 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
                 ))
                 .into());
             }
-            let key = keys::block_info(ns, b.block_id);
-            if self.t.get(&key)?.is_none() {
-                let info = BlockInfo {
-                    len: b.len,
-                    replicas: b.replicas.clone(),
-                    refs: 0,
-                };
-                self.t.put(key, encode(&info));
+            let key = keys::block(b.block_id);
+            match self.t.get(&key)? {
+                None => {
+                    let info = BlockInfo {
+                        ns,
+                        len: b.len,
+                        replicas: b.replicas.clone(),
+                        refs: 0,
+                        born_ns: self.now,
+                    };
+                    self.t.put(key, encode(&info));
+                }
+                Some(v) if decode::<BlockInfo>("block", &v)?.ns != ns => {
+                    return Err(
+                        FsError::InvalidArgument(format!("block {} belongs to another namespace", b.block_id)).into(),
+                    );
+                }
+                Some(_) => {}
             }
             // Checked by apply_refs: a block no slice ends up using is garbage.
             refs.0.entry(b.block_id).or_insert(0);
@@ -1220,8 +1386,14 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
         if let Some(b) = new_blocks.iter().find(|b| b.block_id == id) {
             return Ok(b.len);
         }
-        match self.t.get(&keys::block_info(ns, id))? {
-            Some(v) => Ok(decode::<BlockInfo>("block", &v)?.len),
+        match self.t.get(&keys::block(id))? {
+            Some(v) => {
+                let b: BlockInfo = decode("block", &v)?;
+                if b.ns != ns {
+                    return Err(FsError::InvalidArgument(format!("block {id} belongs to another namespace")).into());
+                }
+                Ok(b.len)
+            }
             None => Err(FsError::InvalidArgument(format!("block {id} is not known to metad")).into()),
         }
     }
@@ -1331,8 +1503,7 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
             Err(e) => return Err(e),
         };
         if current.slices.is_empty() || current.version != version {
-            self.t
-                .put(keys::garbage(self.now, block.block_id), encode(&block.replicas));
+            self.add_garbage(block.block_id, &block.replicas)?;
             return Ok(Reply::Compacted { applied: false });
         }
         let cs = self.chunk_size(ns)?;
@@ -1946,6 +2117,133 @@ mod tests {
     }
 
     #[test]
+    fn replica_changes_keep_live_copies_in_the_grace_period() {
+        let mut fs = Fs::new();
+        let ns = fs.ns;
+        let f = fs.ino(ROOT_INO, "f", S_IFREG | 0o644);
+        let mut b = new_block(5, 10);
+        b.replicas = vec!["a".into(), "b".into()];
+        commit(&mut fs, f, vec![b], vec![(0, slice(0, 10, 5, 0))]);
+        let replicas = |fs: &Fs| block(&fs.kv, 5).unwrap().unwrap().replicas;
+        fs.run(Op::AddReplica {
+            block: 5,
+            blockd: "c".into(),
+            drop: vec!["a".into()],
+        })
+        .unwrap();
+        assert_eq!(replicas(&fs), vec!["b".to_string(), "c".to_string()]);
+        // A surplus copy still exists: it waits in the garbage table.
+        fs.run(Op::DropReplicas {
+            block: 5,
+            blockds: vec!["b".into()],
+            to_garbage: true,
+        })
+        .unwrap();
+        assert_eq!(replicas(&fs), vec!["c".to_string()]);
+        let g = garbage(&fs.kv, i64::MAX, 10).unwrap();
+        assert_eq!(
+            (g.len(), g[0].block_id, g[0].replicas.clone()),
+            (1, 5, vec!["b".to_string()])
+        );
+        // A corrupt copy is gone already: nothing to delete.
+        fs.run(Op::DropReplicas {
+            block: 5,
+            blockds: vec!["c".into()],
+            to_garbage: false,
+        })
+        .unwrap();
+        assert!(replicas(&fs).is_empty());
+        assert_eq!(garbage(&fs.kv, i64::MAX, 10).unwrap().len(), 1);
+        // Ops on a block that is gone change nothing.
+        assert!(matches!(
+            fs.run(Op::AddReplica {
+                block: 99,
+                blockd: "c".into(),
+                drop: vec![]
+            }),
+            Ok(Reply::Compacted { applied: false })
+        ));
+        // Another namespace cannot refer to this block.
+        let other = match fs.run(Op::CreateNamespace {
+            name: "u".into(),
+            block_size: 1 << 20,
+            replication: 1,
+            if_not_exists: false,
+        }) {
+            Ok(Reply::Namespace(r)) => r.id,
+            x => panic!("{x:?}"),
+        };
+        fs.ns = other;
+        let g = fs.ino(ROOT_INO, "g", S_IFREG | 0o644);
+        let r = fs.run(Op::CommitSlices {
+            ns: other,
+            ino: g,
+            new_blocks: vec![],
+            slices: vec![(0, slice(0, 10, 5, 0))],
+            mtime: None,
+        });
+        match r {
+            Err(FsError::InvalidArgument(m)) => assert!(m.contains("another namespace"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        let _ = ns;
+    }
+
+    #[test]
+    fn blockd_registration_keeps_the_operator_state() {
+        let mut fs = Fs::new();
+        fs.run(Op::RegisterBlockd {
+            id: "a".into(),
+            address: "h:1".into(),
+            filesystem: "h:5".into(),
+        })
+        .unwrap();
+        fs.run(Op::SetBlockdState {
+            id: "a".into(),
+            state: Some(BlockdState::Decommissioning),
+        })
+        .unwrap();
+        fs.run(Op::RegisterBlockd {
+            id: "a".into(),
+            address: "h:2".into(),
+            filesystem: "h:5".into(),
+        })
+        .unwrap();
+        let all = blockds(&fs.kv).unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(
+            (all[0].1.address.as_str(), all[0].1.state),
+            ("h:2", BlockdState::Decommissioning)
+        );
+        fs.run(Op::SetBlockdState {
+            id: "a".into(),
+            state: None,
+        })
+        .unwrap();
+        assert!(blockds(&fs.kv).unwrap().is_empty());
+        assert!(fs
+            .run(Op::SetBlockdState {
+                id: "a".into(),
+                state: None
+            })
+            .is_err());
+        match fs.run(Op::SetReplication {
+            name: "t".into(),
+            replication: 3,
+        }) {
+            Ok(Reply::Namespace(r)) => assert_eq!(r.replication, 3),
+            x => panic!("{x:?}"),
+        }
+        assert_eq!(namespace_by_name(&fs.kv, "t").unwrap().unwrap().replication, 3);
+        assert!(fs
+            .run(Op::SetReplication {
+                name: "t".into(),
+                replication: 0
+            })
+            .is_err());
+    }
+
+    #[test]
     fn compaction_applies_only_to_the_version_it_read() {
         let mut fs = Fs::new();
         let ns = fs.ns;
@@ -2000,11 +2298,11 @@ mod tests {
                 *used.entry(s.block_id).or_insert(0) += 1;
             }
         }
-        let block_tag = keys::block_info(ns, 0)[..6].to_vec();
+        let block_tag = keys::BLOCKS.to_vec();
         let mut table: BTreeMap<u64, u64> = BTreeMap::new();
         for (k, v) in fs.kv.scan(&block_tag, None, usize::MAX).unwrap() {
             let b: BlockInfo = decode("block", &v).unwrap();
-            table.insert(keys::be_u64_at(&k, 6).unwrap(), b.refs);
+            table.insert(keys::be_u64_at(&k, keys::BLOCK_ID_OFFSET).unwrap(), b.refs);
         }
         assert_eq!(
             used, table,

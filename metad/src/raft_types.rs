@@ -64,13 +64,18 @@ pub enum TimeSet {
 
 pub use jfs_common::slices::Slice;
 
-/// A block as the block table keeps it: where it lives and how many slices
-/// refer to it. At zero references it moves to the garbage table.
+/// A block as the block table keeps it: which namespace owns it, the
+/// blockds (by id) that hold a copy, and how many slices refer to it. At
+/// zero references it moves to the garbage table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockInfo {
+    pub ns: u32,
     pub len: u64,
     pub replicas: Vec<String>,
     pub refs: u64,
+    /// When metad learnt of it (leader clock): a block report taken just
+    /// before cannot be expected to list it.
+    pub born_ns: i64,
 }
 
 /// A block a client stored on blockds and now hands to metad.
@@ -78,7 +83,25 @@ pub struct BlockInfo {
 pub struct NewBlock {
     pub block_id: u64,
     pub len: u64,
+    /// Blockd ids.
     pub replicas: Vec<String>,
+}
+
+/// What the operator asked of a blockd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlockdState {
+    Normal,
+    /// Copy its blocks elsewhere and stop placing new ones on it.
+    Decommissioning,
+}
+
+/// A blockd as the replicated state knows it: block maps name it by id, and
+/// this says where to reach it, right after a failover too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockdRec {
+    pub address: String,
+    pub filesystem: String,
+    pub state: BlockdState,
 }
 
 /// One chunk of a file: its slices, oldest first, and a version that every
@@ -199,12 +222,48 @@ pub enum Op {
         offset: u64,
         len: u64,
     },
-    /// `replica` has been told to delete these blocks: drop it from their
+    /// Blockd `replica` (an id) has deleted these blocks: drop it from their
     /// garbage entries (an entry goes once no replica is left).
     ForgetGarbage {
         replica: String,
         /// (became garbage at, block id), as `namespace::garbage` lists them.
         blocks: Vec<(i64, u64)>,
+    },
+    /// A blockd heartbeat with an id or address the table does not have yet.
+    RegisterBlockd {
+        id: String,
+        address: String,
+        filesystem: String,
+    },
+    /// Operator: drain (`Some(Decommissioning)`), cancel (`Some(Normal)`) or
+    /// forget (`None`) a blockd.
+    SetBlockdState {
+        id: String,
+        state: Option<BlockdState>,
+    },
+    /// Healing copied `block` to `blockd`; `drop` are copies on blockds
+    /// that are dead, so no longer counted.
+    AddReplica {
+        block: u64,
+        blockd: String,
+        drop: Vec<String>,
+    },
+    /// Copies that are gone (corrupt, missing from a report) or surplus.
+    /// Surplus copies still exist and go to the garbage table
+    /// (`to_garbage`), so a reader holding an old map keeps its grace period.
+    DropReplicas {
+        block: u64,
+        blockds: Vec<String>,
+        to_garbage: bool,
+    },
+    SetReplication {
+        name: String,
+        replication: u32,
+    },
+    /// Blocks a client stored and will never commit: to the garbage table,
+    /// due at once, unless the block table knows them.
+    AbandonBlocks {
+        blocks: Vec<NewBlock>,
     },
 }
 
@@ -226,7 +285,16 @@ impl Op {
             | CommitSlices { ns, .. }
             | CompactChunk { ns, .. }
             | Fallocate { ns, .. } => Some(*ns),
-            InitCluster { .. } | CreateNamespace { .. } | AllocateBlocks { .. } | ForgetGarbage { .. } => None,
+            InitCluster { .. }
+            | CreateNamespace { .. }
+            | AllocateBlocks { .. }
+            | ForgetGarbage { .. }
+            | RegisterBlockd { .. }
+            | SetBlockdState { .. }
+            | AddReplica { .. }
+            | DropReplicas { .. }
+            | SetReplication { .. }
+            | AbandonBlocks { .. } => None,
         }
     }
 }

@@ -21,7 +21,9 @@ use crate::blockd_registry::{BlockdInfo, BlockdRegistry};
 use crate::kv::KvError;
 use crate::namespace::{self, NsError};
 use crate::raft_store::SmView;
-use crate::raft_types::{AttrRec, Command, MetaNode, NamespaceRec, NewBlock, NodeId, Op, Raft, Reply, Slice, TimeSet};
+use crate::raft_types::{
+    AttrRec, BlockdRec, BlockdState, Command, MetaNode, NamespaceRec, NewBlock, NodeId, Op, Raft, Reply, Slice, TimeSet,
+};
 
 pub struct MetaService {
     pub raft: Raft,
@@ -31,6 +33,7 @@ pub struct MetaService {
     pub node_id: NodeId,
     pub cfg: Arc<Config>,
     pub blockds: Arc<BlockdRegistry>,
+    pub healer: Arc<crate::healer::Healer>,
 }
 
 type Rpc<T> = Result<Response<T>, Status>;
@@ -144,11 +147,21 @@ fn slice_from_rpc(s: Option<&rpc::Slice>) -> Result<Slice, Status> {
     Ok(s.into())
 }
 
-fn block_from_rpc(b: rpc::BlockLoc) -> NewBlock {
+/// A block a client stored, its copies named by blockd id. An older client
+/// sends only addresses: those are looked up among the known blockds.
+fn block_from_rpc(b: rpc::BlockLoc, recs: &[(String, BlockdRec)]) -> NewBlock {
+    let replicas = if !b.replica_ids.is_empty() {
+        b.replica_ids
+    } else {
+        b.replicas
+            .iter()
+            .filter_map(|a| recs.iter().find(|(_, r)| r.address == *a).map(|(id, _)| id.clone()))
+            .collect()
+    };
     NewBlock {
         block_id: b.block_id,
         len: b.len,
-        replicas: b.replicas,
+        replicas,
     }
 }
 
@@ -190,6 +203,27 @@ impl MetaService {
             }
             Err(RaftError::Fatal(f)) => Err(FsError::Unavailable(format!("raft stopped: {f}")).into()),
         }
+    }
+
+    fn blockd_recs(&self) -> Result<Vec<(String, BlockdRec)>, Status> {
+        namespace::blockds(&self.view).map_err(storage)
+    }
+
+    /// Addresses of the blockds behind `ids`, live ones first (a reader
+    /// tries them in order). Unknown ids (removed blockds) are left out.
+    fn addresses(&self, ids: &[String], recs: &[(String, BlockdRec)]) -> Vec<String> {
+        let mut out: Vec<(bool, String)> = ids
+            .iter()
+            .filter_map(|id| {
+                let addr = match self.blockds.get(id) {
+                    Some(b) => b.address,
+                    None => recs.iter().find(|(r, _)| r == id)?.1.address.clone(),
+                };
+                Some((!self.blockds.is_live(id), addr))
+            })
+            .collect();
+        out.sort_by_key(|(dead, _)| *dead);
+        out.into_iter().map(|(_, a)| a).collect()
     }
 
     fn namespace(&self, ns: u32) -> Result<NamespaceRec, Status> {
@@ -531,9 +565,10 @@ impl Meta for MetaService {
             Reply::BlockIds { first, count } => {
                 let blocks = (0..count as u64)
                     .zip(placements)
-                    .map(|(i, replicas)| rpc::AllocatedBlock {
+                    .map(|(i, placed)| rpc::AllocatedBlock {
                         block_id: first + i,
-                        replicas,
+                        replicas: placed.iter().map(|b| b.address.clone()).collect(),
+                        replica_ids: placed.into_iter().map(|b| b.id).collect(),
                     })
                     .collect();
                 Ok(Response::new(rpc::AllocateBlocksReply { blocks }))
@@ -548,6 +583,7 @@ impl Meta for MetaService {
         let count = if r.count == 0 { 256 } else { r.count.min(4096) as usize };
         let (attr, chunks, blocks) =
             namespace::get_chunks(&self.view.snapshot(), r.ns, r.ino, r.first_index, count).map_err(ns_err)?;
+        let recs = self.blockd_recs()?;
         Ok(Response::new(rpc::GetChunksReply {
             attr: Some(attr_to_rpc(&attr, PREFERRED_IO)),
             chunks: chunks
@@ -563,7 +599,8 @@ impl Meta for MetaService {
                 .map(|(block_id, b)| rpc::BlockLoc {
                     block_id,
                     len: b.len,
-                    replicas: b.replicas,
+                    replicas: self.addresses(&b.replicas, &recs),
+                    replica_ids: b.replicas,
                 })
                 .collect(),
         }))
@@ -576,10 +613,15 @@ impl Meta for MetaService {
             .iter()
             .map(|cs| Ok((cs.chunk, slice_from_rpc(cs.slice.as_ref())?)))
             .collect::<Result<Vec<_>, Status>>()?;
+        let recs = if r.new_blocks.iter().any(|b| b.replica_ids.is_empty()) {
+            self.blockd_recs()?
+        } else {
+            Vec::new()
+        };
         let op = Op::CommitSlices {
             ns: r.ns,
             ino: r.ino,
-            new_blocks: r.new_blocks.into_iter().map(block_from_rpc).collect(),
+            new_blocks: r.new_blocks.into_iter().map(|b| block_from_rpc(b, &recs)).collect(),
             slices,
             mtime: r.mtime.map(|t| t.as_nanos() as i64),
         };
@@ -594,9 +636,10 @@ impl Meta for MetaService {
 
     async fn compact_chunk(&self, req: Request<rpc::CompactChunkRequest>) -> Rpc<rpc::CompactChunkReply> {
         let r = req.into_inner();
+        let recs = self.blockd_recs()?;
         let block = r
             .block
-            .map(block_from_rpc)
+            .map(|b| block_from_rpc(b, &recs))
             .ok_or_else(|| Status::from(FsError::InvalidArgument("compaction without a block".into())))?;
         let slices = r
             .slices
@@ -615,6 +658,17 @@ impl Meta for MetaService {
             Reply::Compacted { applied } => Ok(Response::new(rpc::CompactChunkReply { applied })),
             other => Err(unexpected(other)),
         }
+    }
+
+    async fn abandon_blocks(&self, req: Request<rpc::AbandonBlocksRequest>) -> Rpc<rpc::AbandonBlocksReply> {
+        let r = req.into_inner();
+        if r.blocks.len() > 10_000 {
+            return Err(FsError::InvalidArgument("abandon at most 10000 blocks at a time".into()).into());
+        }
+        let recs = self.blockd_recs()?;
+        let blocks = r.blocks.into_iter().map(|b| block_from_rpc(b, &recs)).collect();
+        self.propose(&r.hdr, Op::AbandonBlocks { blocks }).await?;
+        Ok(Response::new(rpc::AbandonBlocksReply {}))
     }
 
     async fn fallocate(&self, req: Request<rpc::FallocateRequest>) -> Rpc<rpc::AttrReply> {
@@ -649,36 +703,188 @@ impl Meta for MetaService {
             ))
             .into());
         }
-        self.blockds.heartbeat(BlockdInfo {
-            id: r.blockd_id,
-            address: r.address.clone(),
-            capacity: r.capacity_bytes,
-            free: r.free_bytes,
-            filesystem: r.filesystem,
-            last_seen: std::time::Instant::now(),
-        });
         let term = self.raft.metrics().borrow().current_term;
-        let before = now_ns().saturating_sub(self.cfg.block_gc_grace.as_nanos() as i64);
-        let garbage = namespace::garbage(&self.view, before, 10_000).map_err(storage)?;
-        let blocks: Vec<(i64, u64)> = garbage
+        // Starts the healer's state afresh in a new term, before this
+        // heartbeat lands in the registry it clears.
+        self.healer.warm(term);
+        let known = self
+            .blockd_recs()?
             .into_iter()
-            .filter(|g| g.replicas.iter().any(|a| *a == r.address))
-            .map(|g| (g.since_ns, g.block_id))
-            .take(1000)
-            .collect();
-        let delete_blocks: Vec<u64> = blocks.iter().map(|b| b.1).collect();
-        if !blocks.is_empty() {
-            let op = Op::ForgetGarbage {
-                replica: r.address,
-                blocks,
+            .find(|(id, _)| *id == r.blockd_id)
+            .map(|(_, rec)| rec);
+        if known
+            .as_ref()
+            .is_none_or(|k| k.address != r.address || k.filesystem != r.filesystem)
+        {
+            let op = Op::RegisterBlockd {
+                id: r.blockd_id.clone(),
+                address: r.address.clone(),
+                filesystem: r.filesystem.clone(),
             };
             self.propose(&None, op).await?;
         }
+        let draining = known.is_some_and(|k| k.state == BlockdState::Decommissioning);
+        if !self.blockds.is_live(&r.blockd_id) {
+            self.healer.returned(&r.blockd_id);
+        }
+        self.blockds.heartbeat(BlockdInfo {
+            id: r.blockd_id.clone(),
+            address: r.address.clone(),
+            capacity: r.capacity_bytes,
+            free: r.free_bytes,
+            filesystem: r.filesystem.clone(),
+            block_count: r.block_count,
+            draining,
+            last_seen: std::time::Instant::now(),
+        });
+        // Record what the blockd reports done before handing out more: a
+        // reply that gets lost makes it report the same again.
+        let ops = self.healer.on_heartbeat(&r.blockd_id, &r);
+        for op in ops {
+            self.propose(&None, op).await?;
+        }
+        let cmds = self.healer.commands(&r.blockd_id).map_err(storage)?;
         Ok(Response::new(rpc::HeartbeatReply {
             cluster_id,
             term,
-            delete_blocks,
+            delete_blocks: cmds.delete,
+            replicate: cmds.replicate,
+            send_full_report: cmds.send_full_report,
         }))
+    }
+
+    async fn block_report(&self, req: Request<rpc::BlockReportRequest>) -> Rpc<rpc::BlockReportReply> {
+        let r = req.into_inner();
+        if !self.is_leader() {
+            return Err(not_leader(self.leader_node().as_ref()));
+        }
+        if r.block_ids.len() > 100_000 || (!r.ages_s.is_empty() && r.ages_s.len() != r.block_ids.len()) {
+            return Err(FsError::InvalidArgument(
+                "a block report piece holds at most 100000 ids, with one age per id".into(),
+            )
+            .into());
+        }
+        if r.after >= r.upto || r.block_ids.iter().any(|&id| id <= r.after || id > r.upto) {
+            return Err(FsError::InvalidArgument("block report ids outside the piece's range".into()).into());
+        }
+        self.linearizable().await?;
+        let cluster_id = namespace::cluster_id(&self.view).map_err(storage)?.unwrap_or_default();
+        if r.cluster_id != cluster_id {
+            return Err(FsError::ClusterMismatch(format!(
+                "block report from blockd {} of cluster {:?}, this is cluster {cluster_id:?}",
+                r.blockd_id, r.cluster_id
+            ))
+            .into());
+        }
+        let ops = self.healer.on_report(&r).map_err(storage)?;
+        for op in ops {
+            self.propose(&None, op).await?;
+        }
+        Ok(Response::new(rpc::BlockReportReply {}))
+    }
+
+    async fn list_blockds(&self, _req: Request<rpc::ListBlockdsRequest>) -> Rpc<rpc::ListBlockdsReply> {
+        if !self.is_leader() {
+            return Err(not_leader(self.leader_node().as_ref()));
+        }
+        self.linearizable().await?;
+        let recs = self.blockd_recs()?;
+        let mut listed: std::collections::HashMap<String, u64> = Default::default();
+        let mut after = 0;
+        loop {
+            let page = namespace::blocks_in_range(&self.view, after, u64::MAX, 10_000).map_err(storage)?;
+            for (_, b) in &page {
+                for r in &b.replicas {
+                    *listed.entry(r.clone()).or_default() += 1;
+                }
+            }
+            match page.last() {
+                Some((id, _)) if page.len() == 10_000 => after = *id,
+                _ => break,
+            }
+        }
+        let blockds = recs
+            .into_iter()
+            .map(|(id, rec)| {
+                let heard = self.blockds.get(&id);
+                let live = self.blockds.is_live(&id);
+                let n = listed.get(&id).copied().unwrap_or(0);
+                let state = match (rec.state, live) {
+                    (BlockdState::Decommissioning, _) if n == 0 => "decommissioned",
+                    (BlockdState::Decommissioning, _) => "decommissioning",
+                    (BlockdState::Normal, true) => "live",
+                    (BlockdState::Normal, false) => "dead",
+                };
+                rpc::BlockdInfo {
+                    id: id.clone(),
+                    address: heard.as_ref().map_or(rec.address.clone(), |h| h.address.clone()),
+                    state: state.into(),
+                    capacity_bytes: heard.as_ref().map_or(0, |h| h.capacity),
+                    free_bytes: heard.as_ref().map_or(0, |h| h.free),
+                    block_count: heard.as_ref().map_or(0, |h| h.block_count),
+                    listed_blocks: n,
+                    last_heartbeat_ms_ago: heard.map_or(-1, |h| h.last_seen.elapsed().as_millis() as i64),
+                }
+            })
+            .collect();
+        Ok(Response::new(rpc::ListBlockdsReply { blockds }))
+    }
+
+    async fn set_blockd_state(&self, req: Request<rpc::SetBlockdStateRequest>) -> Rpc<rpc::BlockdInfo> {
+        let r = req.into_inner();
+        let state = match r.state.as_str() {
+            "decommission" => Some(BlockdState::Decommissioning),
+            "normal" => Some(BlockdState::Normal),
+            "remove" => None,
+            other => {
+                return Err(FsError::InvalidArgument(format!(
+                    "blockd state {other:?}: use decommission, normal or remove"
+                ))
+                .into())
+            }
+        };
+        if state.is_none() && self.blockds.is_live(&r.id) {
+            return Err(FsError::InvalidArgument(format!(
+                "blockd {} is alive: decommission it and stop it before removing it",
+                r.id
+            ))
+            .into());
+        }
+        self.propose(
+            &r.hdr,
+            Op::SetBlockdState {
+                id: r.id.clone(),
+                state,
+            },
+        )
+        .await?;
+        Ok(Response::new(rpc::BlockdInfo {
+            id: r.id,
+            state: r.state,
+            ..Default::default()
+        }))
+    }
+
+    async fn fsck(&self, req: Request<rpc::FsckRequest>) -> Rpc<rpc::FsckReply> {
+        let r = req.into_inner();
+        if !self.is_leader() {
+            return Err(not_leader(self.leader_node().as_ref()));
+        }
+        self.linearizable().await?;
+        let reply = crate::fsck::check(&self.view.snapshot(), &self.blockds, &r).map_err(ns_err)?;
+        Ok(Response::new(reply))
+    }
+
+    async fn set_replication(&self, req: Request<rpc::SetReplicationRequest>) -> Rpc<rpc::NamespaceInfo> {
+        let r = req.into_inner();
+        let op = Op::SetReplication {
+            name: r.namespace,
+            replication: r.replication,
+        };
+        match self.propose(&r.hdr, op).await? {
+            Reply::Namespace(rec) => Ok(Response::new(ns_to_rpc(&rec))),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn status(&self, _req: Request<rpc::StatusRequest>) -> Rpc<rpc::NodeStatus> {

@@ -20,13 +20,14 @@
 # mounts, and drops the page cache. Network: loopback only.
 #
 #   bash scripts/bench.sh [--jfs DIR | --no-jfs] [--reps N] [--quick]
-#                         [--local DIR] [--no-bindfs] [--no-moosefs]
+#                         [--local DIR] [--no-bindfs] [--no-moosefs] [--goal N]
 #                         [--size-mib N] [--runtime S] [--files N] [--tree-files N]
 #                         [--json FILE]
 #
 # Defaults: --jfs /mnt/jfs (start it with `bash scripts/local-up.sh`; it must
 # be a mount unless --no-jfs), --local /var/tmp/jfs-bench, --reps 3, 1024 MiB,
-# 20 s per random line, 10,000 files, a tree of 2,000 files. --quick is a
+# 20 s per random line, 10,000 files, a tree of 2,000 files, MooseFS goal 1
+# (--goal 3 to compare with jfs at replication 3). --quick is a
 # smoke run: 64 MiB, 3 s, 200 files, tree of 200 (a few minutes).
 # MooseFS lives in /var/tmp/jfs-bench-mfs (configs and logs stay there).
 set -euo pipefail
@@ -47,6 +48,7 @@ while (($#)); do
         --local) local_dir="$2"; shift 2 ;;
         --no-bindfs) use_bindfs=0; shift ;;
         --no-moosefs) use_moosefs=0; shift ;;
+        --goal) export MFS_GOAL="$2"; shift 2 ;;
         --quick) py_args+=(--quick); shift ;;
         --reps|--size-mib|--runtime|--files|--tree-files|--json) py_args+=("$1" "$2"); shift 2 ;;
         -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
@@ -132,7 +134,7 @@ cmdline="bash scripts/bench.sh"
 ((${#orig_args[@]})) && printf -v cmdline '%s%s' "$cmdline" "$(printf ' %q' "${orig_args[@]}")"
 versions="$(fio --version)"
 if ((use_moosefs)); then
-    versions+=", MooseFS $(mfsmaster -v 2>&1 | grep -o '[0-9][0-9.]*' | head -1) (master + 3 chunkservers on loopback, goal 1, nice 0,"
+    versions+=", MooseFS $(mfsmaster -v 2>&1 | grep -o '[0-9][0-9.]*' | head -1) (master + 3 chunkservers on loopback, goal ${MFS_GOAL:-1}, nice 0,"
     versions+=" default durability: changelog written in the background, chunk files not fsynced on close)"
 fi
 if [[ -n $bindfs_mnt ]]; then

@@ -13,7 +13,8 @@
 # DIR defaults to /var/tmp/jfs-bench-mfs; the mount point is DIR/mnt.
 # MFS_PORT_BASE (default 19419) picks the ports: base..base+2 for the
 # master (metalogger, chunkserver and client ports), base+3..base+5 for
-# the chunkservers. New files get goal 1 (one copy) and trash time 0.
+# the chunkservers. New files get goal MFS_GOAL (default 1: one copy) and
+# trash time 0.
 # All daemons and the mount run at nice 0, as jfs's do (MooseFS's default
 # is -19, ahead of everything else on the machine). Everything else is
 # MooseFS's default, durability included: the master writes its changelog
@@ -249,9 +250,9 @@ EOF
         fi
         sleep 0.1
     done
-    # One copy of each chunk (goal 1) and no trash, so deleted benchmark
-    # files free their chunks at once.
-    mfssetgoal -r 1 "$mnt" >/dev/null
+    # MFS_GOAL copies of each chunk (default 1) and no trash, so deleted
+    # benchmark files free their chunks at once.
+    mfssetgoal -r "${MFS_GOAL:-1}" "$mnt" >/dev/null
     mfssettrashtime -r 0 "$mnt" >/dev/null
 
     # Data really flows: a file of 3 chunks (64 MiB each) round-trips and
@@ -269,7 +270,7 @@ EOF
     fi
     log "$(mfsfileinfo "$probe" | grep -o 'copy 1: [0-9.:]*' | sort -u | tr '\n' ' ')"
     rm -f "$probe" "$dir/probe.src"
-    log "master 127.0.0.1:$((base + 2)), $ncs chunkservers registered, mounted on $mnt (goal 1)"
+    log "master 127.0.0.1:$((base + 2)), $ncs chunkservers registered, mounted on $mnt (goal ${MFS_GOAL:-1})"
     echo "$mnt"
 }
 

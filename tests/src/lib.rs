@@ -694,6 +694,149 @@ impl Cluster {
     }
 }
 
+/// A blockd beyond the cluster's three, started and owned by a test (killed
+/// on drop). Data in STATE/blockd<n>, log in STATE/logs/blockd<n>.log.
+pub struct ExtraBlockd {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub addr: String,
+    child: Option<Child>,
+}
+
+impl ExtraBlockd {
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// `kill -9`, keeping the data directory.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ExtraBlockd {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One row of `jfs admin blockd list`.
+#[derive(Debug, Clone)]
+pub struct BlockdRow {
+    pub id: String,
+    pub address: String,
+    pub state: String,
+    pub capacity: u64,
+    pub used: u64,
+    pub listed: u64,
+}
+
+/// "12.5 MiB" as the CLI prints sizes, back to bytes (roughly).
+fn parse_size(num: &str, unit: &str) -> u64 {
+    let n: f64 = num.parse().unwrap_or(0.0);
+    let mult = match unit {
+        "KiB" => 1u64 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "PiB" => 1 << 50,
+        _ => 1,
+    };
+    (n * mult as f64) as u64
+}
+
+/// What `jfs fsck` said.
+#[derive(Debug, Clone)]
+pub struct Fsck {
+    pub ok: bool,
+    pub healthy: u64,
+    pub under: u64,
+    pub missing: u64,
+    pub over: u64,
+    pub text: String,
+}
+
+impl Cluster {
+    /// Starts blockd number `n` (4, 5, ...) on this cluster's address.
+    pub fn start_extra_blockd(&self, n: u32) -> ExtraBlockd {
+        let name = format!("blockd{n}");
+        let data_dir = self.state.join(&name);
+        fs::create_dir_all(&data_dir).expect("create extra blockd dir");
+        let addr = format!("{}:{}", self.ip, 8201 + 10 * (n - 1));
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state.join("logs").join(format!("{name}.log")))
+            .expect("open extra blockd log");
+        let child = Command::new(bin("jfs-blockd"))
+            .arg("--conf")
+            .arg(self.conf())
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--listen")
+            .arg(&addr)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn jfs-blockd");
+        ExtraBlockd {
+            name,
+            data_dir,
+            addr,
+            child: Some(child),
+        }
+    }
+
+    /// `jfs admin blockd list`, parsed.
+    pub fn blockd_list(&self) -> Vec<BlockdRow> {
+        let conf = self.conf().to_string_lossy().into_owned();
+        let out = self.jfs_ok(&["--conf", &conf, "admin", "blockd", "list"]);
+        out.lines()
+            .skip(1)
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                // ID ADDRESS STATE CAPACITY(2 words) USED(2 words) BLOCKS LISTED ...
+                (w.len() >= 9).then(|| BlockdRow {
+                    id: w[0].to_string(),
+                    address: w[1].to_string(),
+                    state: w[2].to_string(),
+                    capacity: parse_size(w[3], w[4]),
+                    used: parse_size(w[5], w[6]),
+                    listed: w[8].parse().unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    /// `jfs fsck [uri]`, parsed; never panics on a non-zero exit.
+    pub fn fsck(&self, uri: Option<&str>) -> Fsck {
+        let conf = self.conf().to_string_lossy().into_owned();
+        let mut args = vec!["--conf", conf.as_str(), "fsck"];
+        if let Some(u) = uri {
+            args.push(u);
+        }
+        let out = self.jfs(&args);
+        let text = format!("{}{}", out.stdout, out.stderr);
+        let num = |key: &str| -> u64 {
+            text.split([',', '\n'])
+                .find_map(|part| part.trim().strip_prefix(key)?.trim().parse().ok())
+                .unwrap_or(u64::MAX)
+        };
+        Fsck {
+            ok: out.success(),
+            healthy: num("healthy"),
+            under: num("under-replicated"),
+            missing: num("missing"),
+            over: num("over-replicated"),
+            text,
+        }
+    }
+}
+
 /// Whether a line of `jfs metastatus` output is the row of the leader node
 /// (its ROLE column reads `leader`; the `--detail` header's LEADER is upper case).
 pub fn is_leader_line(line: &str) -> bool {

@@ -377,7 +377,18 @@ fn random_ops_match_a_model() {
             }
         }
     };
+    // A third of the way in blockd2 dies (kill -9); two thirds in it comes
+    // back. Every op must still succeed on its first try: uploads move to
+    // the live blockds, reads skip the dead one, the healer tops up copies.
+    let (kill_at, revive_at) = (nops / 3, 2 * nops / 3);
     for i in 0..nops {
+        if i == kill_at {
+            eprintln!("random_ops_match_a_model: op {i}: kill -9 blockd2");
+            c.kill9("blockd2");
+        } else if i == revive_at {
+            eprintln!("random_ops_match_a_model: op {i}: restarting blockd2");
+            c.local_up();
+        }
         // Files 1..3 share the other half of the ops.
         let file = if rng.chance(50) {
             0
@@ -415,6 +426,16 @@ fn random_ops_match_a_model() {
         }
     }
     full_check(&models, nops, &mut counts);
+    // Blocks written while blockd2 was down got two copies; the healer
+    // gives them their third now that it is back.
+    wait_until(
+        "every block at 3 copies after blockd2 returned",
+        Duration::from_secs(120),
+        || {
+            let f = c.fsck(None);
+            (f.ok && f.under == 0 && f.missing == 0).then_some(()).ok_or(f.text)
+        },
+    );
     eprintln!(
         "random_ops_match_a_model: {nops} ops in {:.1?} ({counts:?}); final sizes {:?}; block size {bs}",
         start.elapsed(),

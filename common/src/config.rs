@@ -84,7 +84,7 @@ impl Default for Config {
             // Garage-like: a slow background pass that never competes with clients.
             scrub_rate: 16 << 20,
             scrub_interval: Duration::from_secs(7 * 24 * 3600),
-            replication_inflight: 4,
+            replication_inflight: 8,
             client_timeout: Duration::from_secs(60),
             attr_timeout: Duration::from_secs(1),
             entry_timeout: Duration::from_secs(1),

@@ -74,6 +74,12 @@ fn block_stub(ch: Channel) -> BlockClient<Channel> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
+/// How long a read waits for one copy before trying the next: 3 s, plus a
+/// second per 8 MiB (a slow disk reading a big block is not a hung one).
+fn failover_after(len: u64) -> Duration {
+    Duration::from_secs(3) + Duration::from_secs(len / (8 << 20))
+}
+
 impl BlockPool {
     pub(crate) fn new(timeout: Duration) -> BlockPool {
         BlockPool {
@@ -205,8 +211,17 @@ impl BlockPool {
         // Replicas that failed us lately go last: a dead blockd costs a
         // refused connection (or a timeout) on every read otherwise.
         let (good, bad): (Vec<&String>, Vec<&String>) = replicas.iter().partition(|a| !self.is_suspect(a));
-        for addr in good.into_iter().chain(bad) {
-            match self.read_one(addr, block_id, offset, len).await {
+        let order: Vec<&String> = good.into_iter().chain(bad).collect();
+        for (i, addr) in order.iter().enumerate() {
+            // A blockd that hangs (stopped, disk stuck) must not cost the
+            // full client timeout while another copy may answer at once;
+            // the last copy gets the whole timeout.
+            let limit = if i + 1 < order.len() {
+                failover_after(len).min(self.timeout)
+            } else {
+                self.timeout
+            };
+            match self.read_one(addr, block_id, offset, len, limit).await {
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     self.suspect(addr, &e);
@@ -231,7 +246,7 @@ impl BlockPool {
         )))
     }
 
-    async fn read_one(&self, addr: &str, block_id: u64, offset: u64, len: u64) -> FsResult<Vec<u8>> {
+    async fn read_one(&self, addr: &str, block_id: u64, offset: u64, len: u64, limit: Duration) -> FsResult<Vec<u8>> {
         let mut client = block_stub(self.channel(addr)?);
         let fut = async {
             if len <= RANGE_READ_MAX {
@@ -256,12 +271,11 @@ impl BlockPool {
             }
             Ok::<_, tonic::Status>(out)
         };
-        let out = match tokio::time::timeout(self.timeout, fut).await {
+        let out = match tokio::time::timeout(limit, fut).await {
             Ok(r) => r.map_err(FsError::from)?,
             Err(_) => {
                 return Err(FsError::Unavailable(format!(
-                    "blockd {addr} did not answer within {:?}",
-                    self.timeout
+                    "blockd {addr} did not answer within {limit:?}"
                 )))
             }
         };

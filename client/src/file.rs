@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use jfs_common::rpc::{self, Attr, BlockLoc};
 use jfs_common::slices::{self, Extent, Slice};
@@ -42,6 +42,11 @@ const DIRTY_BYTES: u64 = 64 << 20;
 const DIRTY_EXTENTS: usize = 16_384;
 /// Stored, uncommitted slices that make a background commit worthwhile.
 const BACKGROUND_COMMIT_SLICES: usize = 8_192;
+/// Stored blocks are committed at most this long after they were stored,
+/// even if the file stays open and unflushed: metad reclaims blocks that
+/// stay uncommitted for long (they look like a crashed client's), and a
+/// crash should not lose more than a few seconds of written data.
+const COMMIT_AFTER: Duration = Duration::from_secs(2);
 /// Slices per CommitSlices request.
 const MAX_COMMIT_SLICES: usize = 32_768;
 /// Attempts to store one block (each on a fresh allocation) before failing.
@@ -152,6 +157,8 @@ struct State {
     /// First error of a background upload: every later write and flush of
     /// this file fails with it until the last handle is released.
     error: Option<FsError>,
+    /// A commit of stored batches is scheduled (COMMIT_AFTER).
+    commit_scheduled: bool,
 }
 
 impl State {
@@ -529,7 +536,27 @@ impl OpenInode {
                     st.error.get_or_insert(e);
                 }
             }
-            st.error.is_none() && st.stored_slices() >= BACKGROUND_COMMIT_SLICES
+            let now = st.error.is_none() && st.stored_slices() >= BACKGROUND_COMMIT_SLICES;
+            if !now && st.error.is_none() && st.stored_slices() > 0 && !st.commit_scheduled {
+                st.commit_scheduled = true;
+                let (me, client) = (self.clone(), client.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(COMMIT_AFTER).await;
+                    lock(&me.state).commit_scheduled = false;
+                    let _c = me.commit_lock.lock().await;
+                    loop {
+                        match me.commit_stored(&client).await {
+                            Ok(true) => continue,
+                            Ok(false) => break,
+                            Err(e) => {
+                                tracing::warn!(ino = me.ino, error = %e, "background commit failed; the next flush retries");
+                                break;
+                            }
+                        }
+                    }
+                });
+            }
+            now
         };
         self.upload_done.notify_waiters();
         if commit_now {

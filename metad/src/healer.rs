@@ -44,6 +44,8 @@ const DELETE_RESEND: Duration = Duration::from_secs(30);
 /// A report that does not list a block registered this recently proves
 /// nothing: the listing may predate the write.
 const MISSING_MARGIN_NS: i64 = 60_000_000_000;
+/// A full report not finished within this time is asked for again.
+const REPORT_GIVE_UP_NS: i64 = 300_000_000_000;
 
 /// Commands for one blockd, carried by its next heartbeat reply.
 #[derive(Debug, Default)]
@@ -71,6 +73,9 @@ struct State {
     last_full_report: HashMap<String, Instant>,
     cursor: u64,
     missing_logged: HashSet<u64>,
+    /// (when, next block id then): ids below a sample older than the orphan
+    /// age were all handed out at least that long ago.
+    samples: std::collections::VecDeque<(Instant, u64)>,
 }
 
 pub struct Healer {
@@ -181,6 +186,34 @@ impl Healer {
             .is_some_and(|s| s.elapsed() > self.cfg.blockd_dead_after + self.cfg.blockd_heartbeat)
     }
 
+    /// Raises the orphan floor to the next block id of a moment older than
+    /// the orphan age (once this leader has watched that long): blocks
+    /// below it that no map names will never be committed.
+    fn advance_floor(&self) -> Result<Option<Op>, KvError> {
+        let next = namespace::next_block_id(&self.view)?;
+        let current = namespace::orphan_floor(&self.view)?;
+        let age = self.orphan_age();
+        let mut st = self.lock();
+        let now = Instant::now();
+        st.samples.push_back((now, next));
+        let mut candidate = None;
+        while let Some(&(t, id)) = st.samples.front() {
+            if now.duration_since(t) < age {
+                break;
+            }
+            candidate = Some((t, id));
+            st.samples.pop_front();
+        }
+        // Keep the newest old sample: it is the floor until a newer one ages.
+        if let Some(c) = candidate {
+            st.samples.push_front(c);
+        }
+        Ok(candidate
+            .map(|(_, id)| id)
+            .filter(|&id| id > current)
+            .map(|floor| Op::SetOrphanFloor { floor }))
+    }
+
     /// Outcome reports carried by a heartbeat: the Raft commands that
     /// record them.
     pub fn on_heartbeat(&self, blockd: &str, r: &rpc::HeartbeatRequest) -> Vec<Op> {
@@ -266,10 +299,17 @@ impl Healer {
             }
         }
         cmds.replicate = st.copy_queue.remove(blockd).unwrap_or_default();
-        cmds.send_full_report = match st.last_full_report.get(blockd) {
-            None => !st.reports.contains_key(blockd),
-            Some(t) => t.elapsed() > self.cfg.block_report_interval && !st.reports.contains_key(blockd),
-        };
+        // A report whose pieces stopped coming (the blockd restarted, a
+        // piece failed) is given up after a while and asked for again.
+        let reporting = st
+            .reports
+            .get(blockd)
+            .is_some_and(|(_, started)| now_ns().saturating_sub(*started) < REPORT_GIVE_UP_NS);
+        cmds.send_full_report = !reporting
+            && st
+                .last_full_report
+                .get(blockd)
+                .is_none_or(|t| t.elapsed() > self.cfg.block_report_interval);
         if cmds.send_full_report {
             // Asked once; asked again if no piece arrives within a minute.
             st.last_full_report.insert(
@@ -364,9 +404,11 @@ impl Healer {
             .into_iter()
             .map(|n| (n.id, n.replication))
             .collect();
+        let floor_op = self.advance_floor()?;
+        let floor = namespace::orphan_floor(&self.view)?;
         let cursor = self.lock().cursor;
         let page = namespace::blocks_in_range(&self.view, cursor, u64::MAX, SCAN_PAGE)?;
-        let mut ops = Vec::new();
+        let mut ops: Vec<Op> = floor_op.into_iter().collect();
         let now = Instant::now();
         let copy_deadline = now + self.cfg.client_timeout * 2;
         let mut st = self.lock();
@@ -448,6 +490,12 @@ impl Healer {
         }
         let mut st = self.lock();
         for (blockd, id, named) in deletes {
+            if !named && id >= floor && namespace::block(&self.view, id)?.is_none() {
+                // Not known and not old enough to be sure no client will
+                // commit it: look again once the floor has passed it.
+                st.orphans.insert((blockd, id), now + Duration::from_secs(60));
+                continue;
+            }
             st.orphans.remove(&(blockd.clone(), id));
             if !named && !st.copying.contains_key(&id) {
                 info!(block = id, blockd = %blockd, "deleting a block no file refers to (left by a crashed client or a surplus copy)");

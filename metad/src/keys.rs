@@ -22,6 +22,9 @@
 
 pub const CLUSTER_ID: &[u8] = b"Ccluster_id";
 pub const NEXT_BLOCK: &[u8] = b"Cnext_block";
+/// Block ids below this were allocated long ago: one not committed by now
+/// never will be (commits of new blocks below it are refused).
+pub const ORPHAN_FLOOR: &[u8] = b"Corphan_floor";
 pub const NEXT_NS: &[u8] = b"Cnext_ns";
 pub const NAMESPACES: &[u8] = b"N";
 pub const GARBAGE: &[u8] = b"G";

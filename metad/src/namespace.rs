@@ -187,6 +187,15 @@ pub fn list_namespaces<R: KvRead + ?Sized>(kv: &R) -> Result<Vec<NamespaceRec>, 
         .collect()
 }
 
+/// The next block id to be allocated: every id below it was handed out.
+pub fn next_block_id<R: KvRead + ?Sized>(kv: &R) -> Result<u64, KvError> {
+    get_u64(kv, keys::NEXT_BLOCK)
+}
+
+pub fn orphan_floor<R: KvRead + ?Sized>(kv: &R) -> Result<u64, KvError> {
+    get_u64(kv, keys::ORPHAN_FLOOR)
+}
+
 pub fn cluster_id<R: KvRead + ?Sized>(kv: &R) -> Result<Option<String>, KvError> {
     kv.get(keys::CLUSTER_ID)?.map(|v| decode("cluster id", &v)).transpose()
 }
@@ -670,6 +679,12 @@ fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<R
                 // hold a map naming a block that was never committed.
                 let key = keys::garbage(0, b.block_id);
                 c.t.put(key, encode(&b.replicas));
+            }
+            Ok(Reply::Ok)
+        }
+        Op::SetOrphanFloor { floor } => {
+            if *floor > txn_u64(c.t, keys::ORPHAN_FLOOR)? {
+                c.t.put(keys::ORPHAN_FLOOR.to_vec(), encode(floor));
             }
             Ok(Reply::Ok)
         }
@@ -1357,6 +1372,15 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
             }
             let key = keys::block(b.block_id);
             match self.t.get(&key)? {
+                None if b.block_id < txn_u64(self.t, keys::ORPHAN_FLOOR)? => {
+                    // Its copies may already be deleted as a dead client's.
+                    return Err(FsError::Io(format!(
+                        "block {} was stored too long ago without being committed and has been reclaimed; \
+                         the write must be done again",
+                        b.block_id
+                    ))
+                    .into());
+                }
                 None => {
                     let info = BlockInfo {
                         ns,
@@ -2187,6 +2211,36 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let _ = ns;
+    }
+
+    #[test]
+    fn new_blocks_below_the_orphan_floor_are_refused() {
+        let mut fs = Fs::new();
+        let f = fs.ino(ROOT_INO, "f", S_IFREG | 0o644);
+        commit(&mut fs, f, vec![new_block(5, 10)], vec![(0, slice(0, 10, 5, 0))]);
+        fs.run(Op::SetOrphanFloor { floor: 20 }).unwrap();
+        fs.run(Op::SetOrphanFloor { floor: 10 }).unwrap();
+        assert_eq!(orphan_floor(&fs.kv).unwrap(), 20, "the floor never goes down");
+        let ns = fs.ns;
+        let r = fs.run(Op::CommitSlices {
+            ns,
+            ino: f,
+            new_blocks: vec![new_block(7, 10)],
+            slices: vec![(0, slice(0, 10, 7, 0))],
+            mtime: None,
+        });
+        assert!(matches!(r, Err(FsError::Io(_))), "{r:?}");
+        // A block already known may be referred to again; new ids above the
+        // floor are fine.
+        commit(&mut fs, f, vec![], vec![(0, slice(10, 5, 5, 0))]);
+        commit(&mut fs, f, vec![new_block(21, 10)], vec![(0, slice(20, 10, 21, 0))]);
+        // Abandoned blocks go to garbage at once, known ones are left alone.
+        fs.run(Op::AbandonBlocks {
+            blocks: vec![new_block(30, 4), new_block(21, 10)],
+        })
+        .unwrap();
+        assert_eq!(garbage_ids(&fs), vec![30]);
+        assert!(block(&fs.kv, 21).unwrap().is_some());
     }
 
     #[test]

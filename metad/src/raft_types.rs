@@ -265,6 +265,11 @@ pub enum Op {
     AbandonBlocks {
         blocks: Vec<NewBlock>,
     },
+    /// Raises the orphan floor: new blocks with smaller ids are no longer
+    /// accepted in commits, so unnamed copies of them may be deleted.
+    SetOrphanFloor {
+        floor: u64,
+    },
 }
 
 impl Op {
@@ -294,7 +299,8 @@ impl Op {
             | AddReplica { .. }
             | DropReplicas { .. }
             | SetReplication { .. }
-            | AbandonBlocks { .. } => None,
+            | AbandonBlocks { .. }
+            | SetOrphanFloor { .. } => None,
         }
     }
 }

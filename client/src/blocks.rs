@@ -130,8 +130,13 @@ impl BlockPool {
             // 64 KiB HTTP/2 default would cap a stream far below disk speed.
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
+            // A blockd that stops answering (SIGSTOP, a hung host) is
+            // noticed by a missed ping within ~6 s while a request is
+            // open, rather than at the client timeout. Pings are answered
+            // by blockd's network threads, not its disk, so a slow fsync
+            // does not trip this.
+            .http2_keep_alive_interval(Duration::from_secs(3))
+            .keep_alive_timeout(Duration::from_secs(3))
             .connect_lazy();
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)

@@ -7,6 +7,8 @@
 //! `NotLeader{leader}` so clients can follow.
 
 use std::sync::Arc;
+
+use rand::seq::SliceRandom;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
@@ -209,8 +211,10 @@ impl MetaService {
         namespace::blockds(&self.view).map_err(storage)
     }
 
-    /// Addresses of the blockds behind `ids`, live ones first (a reader
-    /// tries them in order). Unknown ids (removed blockds) are left out.
+    /// Addresses of the blockds behind `ids`, live ones first in random
+    /// order (a reader tries them in order: this spreads reads, where the
+    /// map's order follows placement and favours one blockd for stretches
+    /// of blocks). Unknown ids (removed blockds) are left out.
     fn addresses(&self, ids: &[String], recs: &[(String, BlockdRec)]) -> Vec<String> {
         let mut out: Vec<(bool, String)> = ids
             .iter()
@@ -222,6 +226,7 @@ impl MetaService {
                 Some((!self.blockds.is_live(id), addr))
             })
             .collect();
+        out.shuffle(&mut rand::thread_rng());
         out.sort_by_key(|(dead, _)| *dead);
         out.into_iter().map(|(_, a)| a).collect()
     }

@@ -25,6 +25,9 @@ pub const NEXT_BLOCK: &[u8] = b"Cnext_block";
 /// Block ids below this were allocated long ago: one not committed by now
 /// never will be (commits of new blocks below it are refused).
 pub const ORPHAN_FLOOR: &[u8] = b"Corphan_floor";
+/// The latest leader clock any command was applied with: time in the
+/// namespace never goes back, even under a leader whose clock is behind.
+pub const LAST_NOW: &[u8] = b"Clast_now";
 pub const NEXT_NS: &[u8] = b"Cnext_ns";
 pub const NAMESPACES: &[u8] = b"N";
 pub const GARBAGE: &[u8] = b"G";

@@ -486,7 +486,16 @@ fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<R
             return Err(FsError::RecoveryReadOnly.into());
         }
     }
-    let mut c = Ctx { t, now: cmd.now_ns };
+    // The leader reads its clock before proposing; after a failover to a
+    // node whose clock is behind, the stamps would go back. Applying with
+    // max(proposed, latest applied) is deterministic on every node and
+    // keeps mtime, ctime and the GC clock moving forward.
+    let last = txn_u64(t, keys::LAST_NOW)?.min(i64::MAX as u64) as i64;
+    let now = cmd.now_ns.max(last);
+    if now > last {
+        t.put(keys::LAST_NOW.to_vec(), encode(&(now as u64)));
+    }
+    let mut c = Ctx { t, now };
     match &cmd.op {
         Op::InitCluster { cluster_id } => c.init_cluster(cluster_id),
         Op::CreateNamespace {
@@ -1740,7 +1749,7 @@ mod tests {
     }
 
     #[test]
-    fn ctime_only_moves_forward_even_when_the_leader_clock_is_behind() {
+    fn time_only_moves_forward_even_when_the_leader_clock_is_behind() {
         let mut fs = Fs::new();
         let f = fs.ino(ROOT_INO, "f", S_IFREG | 0o644);
         let before = fs.attr(f).ctime;
@@ -1772,6 +1781,33 @@ mod tests {
             "ctime went from {before} to {}",
             fs.attr(f).ctime
         );
+        // And a file created under that leader is not stamped before what
+        // the namespace has already seen.
+        let latest = fs.attr(f).mtime;
+        let cmd = Command {
+            client_id: 9,
+            seq: 2,
+            acked_below: 0,
+            now_ns: 5,
+            op: Op::Mknod {
+                ns,
+                parent: ROOT_INO,
+                name: b"g".to_vec(),
+                mode: S_IFREG | 0o644,
+                uid: 0,
+                gid: 0,
+                rdev: 0,
+                exclusive: true,
+            },
+        };
+        let mut t = Txn::new(&fs.kv);
+        let g = match apply_command(&mut t, &cmd).unwrap().unwrap() {
+            Reply::Attr(a) => a,
+            other => panic!("{other:?}"),
+        };
+        let w = t.into_writes();
+        fs.kv.apply(w);
+        assert!(g.mtime >= latest && g.ctime >= latest, "{g:?} stamped before {latest}");
     }
 
     #[test]

@@ -15,14 +15,12 @@ use jfs_common::rpc::block_client::BlockClient;
 use jfs_common::rpc::{ReadBlockRequest, ReplicateBlock};
 use jfs_common::{FsError, FsResult, MAX_MESSAGE_BYTES};
 use tokio::sync::Semaphore;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{debug, warn};
 
 use crate::block_store::{run_blocking, BlockStore, PendingBlock};
 use crate::report::{quarantine_corrupt, Report};
 use crate::service::READ_PIECE;
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How a replicate command ended well.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,16 +231,8 @@ impl Replicator {
         if let Some(ch) = map.get(addr) {
             return Ok(ch.clone());
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| FsError::InvalidArgument(format!("source blockd address {addr:?} is not host:port: {e}")))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            // As in the client: the 64 KiB HTTP/2 default window would cap a block copy far
-            // below disk speed.
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(32 << 20))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
+        let ch = jfs_common::block_endpoint(addr)
+            .map_err(|e| FsError::InvalidArgument(format!("source {e}")))?
             .connect_lazy();
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)

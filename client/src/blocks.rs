@@ -12,7 +12,7 @@ use futures::StreamExt;
 use jfs_common::rpc::{block_client::BlockClient, ReadBlockRequest, WriteBlockChunk};
 use jfs_common::{FsError, FsResult, MAX_MESSAGE_BYTES};
 use tokio::sync::OnceCell;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::lock;
 
@@ -117,27 +117,7 @@ impl BlockPool {
         if let Some(ch) = map.get(addr) {
             return Ok(ch.clone());
         }
-        let uri = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let ch = Endpoint::from_shared(uri)
-            .map_err(|e| FsError::Io(format!("bad blockd address {addr:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            // Big windows: a block is several MiB and loopback is fast; the
-            // 64 KiB HTTP/2 default would cap a stream far below disk speed.
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(32 << 20))
-            // A blockd that stops answering (SIGSTOP, a hung host) is
-            // noticed by a missed ping within ~6 s while a request is
-            // open, rather than at the client timeout. Pings are answered
-            // by blockd's network threads, not its disk, so a slow fsync
-            // does not trip this.
-            .http2_keep_alive_interval(Duration::from_secs(3))
-            .keep_alive_timeout(Duration::from_secs(3))
-            .connect_lazy();
+        let ch = jfs_common::block_endpoint(addr).map_err(FsError::Io)?.connect_lazy();
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }

@@ -34,3 +34,28 @@ pub use error::{FsError, FsResult};
 
 /// Largest gRPC message any jfs service accepts: a block chunk plus headroom.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// How every process dials a blockd's Block service (mountd's reads and
+/// writes, a blockd copying from another). `addr` is host:port.
+pub fn block_endpoint(addr: &str) -> Result<tonic::transport::Endpoint, String> {
+    use std::time::Duration;
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(tonic::transport::Endpoint::from_shared(uri)
+        .map_err(|e| format!("blockd address {addr:?} is not host:port: {e}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        // Big windows: a block is several MiB and loopback is fast; the
+        // 64 KiB HTTP/2 default would cap a stream far below disk speed.
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        // A blockd that stops answering (SIGSTOP, a hung host) is noticed
+        // by a missed ping within ~6 s while a request is open, rather than
+        // at the caller's timeout. Pings are answered by blockd's network
+        // threads, not its disk, so a slow fsync does not trip this.
+        .http2_keep_alive_interval(Duration::from_secs(3))
+        .keep_alive_timeout(Duration::from_secs(3)))
+}

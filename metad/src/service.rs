@@ -214,21 +214,29 @@ impl MetaService {
     /// Addresses of the blockds behind `ids`, live ones first in random
     /// order (a reader tries them in order: this spreads reads, where the
     /// map's order follows placement and favours one blockd for stretches
-    /// of blocks). Unknown ids (removed blockds) are left out.
-    fn addresses(&self, ids: &[String], recs: &[(String, BlockdRec)]) -> Vec<String> {
-        let mut out: Vec<(bool, String)> = ids
-            .iter()
-            .filter_map(|id| {
-                let addr = match self.blockds.get(id) {
-                    Some(b) => b.address,
-                    None => recs.iter().find(|(r, _)| r == id)?.1.address.clone(),
-                };
-                Some((!self.blockds.is_live(id), addr))
-            })
-            .collect();
+    /// of blocks). Unknown ids (removed blockds) are left out. The blockd
+    /// table is read only for ids no heartbeat has named (rare: right after
+    /// a failover, or a dead blockd), once per call through `recs`.
+    fn addresses(&self, ids: &[String], recs: &mut Option<Vec<(String, BlockdRec)>>) -> Result<Vec<String>, Status> {
+        let mut out: Vec<(bool, String)> = Vec::with_capacity(ids.len());
+        for id in ids {
+            let addr = match self.blockds.get(id) {
+                Some(b) => b.address,
+                None => {
+                    if recs.is_none() {
+                        *recs = Some(self.blockd_recs()?);
+                    }
+                    match recs.iter().flatten().find(|(r, _)| r == id) {
+                        Some((_, rec)) => rec.address.clone(),
+                        None => continue,
+                    }
+                }
+            };
+            out.push((!self.blockds.is_live(id), addr));
+        }
         out.shuffle(&mut rand::thread_rng());
         out.sort_by_key(|(dead, _)| *dead);
-        out.into_iter().map(|(_, a)| a).collect()
+        Ok(out.into_iter().map(|(_, a)| a).collect())
     }
 
     fn namespace(&self, ns: u32) -> Result<NamespaceRec, Status> {
@@ -588,7 +596,18 @@ impl Meta for MetaService {
         let count = if r.count == 0 { 256 } else { r.count.min(4096) as usize };
         let (attr, chunks, blocks) =
             namespace::get_chunks(&self.view.snapshot(), r.ns, r.ino, r.first_index, count).map_err(ns_err)?;
-        let recs = self.blockd_recs()?;
+        let mut recs = None;
+        let blocks = blocks
+            .into_iter()
+            .map(|(block_id, b)| {
+                Ok(rpc::BlockLoc {
+                    block_id,
+                    len: b.len,
+                    replicas: self.addresses(&b.replicas, &mut recs)?,
+                    replica_ids: b.replicas,
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
         Ok(Response::new(rpc::GetChunksReply {
             attr: Some(attr_to_rpc(&attr, PREFERRED_IO)),
             chunks: chunks
@@ -599,15 +618,7 @@ impl Meta for MetaService {
                     slices: c.slices.iter().map(|s| (*s).into()).collect(),
                 })
                 .collect(),
-            blocks: blocks
-                .into_iter()
-                .map(|(block_id, b)| rpc::BlockLoc {
-                    block_id,
-                    len: b.len,
-                    replicas: self.addresses(&b.replicas, &recs),
-                    replica_ids: b.replicas,
-                })
-                .collect(),
+            blocks,
         }))
     }
 

@@ -456,16 +456,19 @@ pub async fn up(dir: &Path, ip: Option<&str>, mountpoint: &Path) -> CliResult<()
     Ok(())
 }
 
-/// Waits until a metad leader exists and has heard from at least one blockd,
-/// and every daemon started by this run answers on its address (so a node
-/// brought back is really back when we say so).
+/// Waits until a metad leader exists and has heard from every blockd of the
+/// local cluster, and every daemon started by this run answers on its address
+/// (so a node brought back is really back when we say so). All blockds, not
+/// one: a file written before the others heartbeat would get fewer copies
+/// than the namespace asks for, and stay short until the healer catches up.
 async fn wait_ready(
     layout: &Layout,
     cfg: &Config,
     daemons: &[Daemon],
     children: &mut [(String, Child)],
 ) -> CliResult<()> {
-    crate::say!("waiting for a metad leader and a blockd heartbeat...");
+    let blockds = daemons.iter().filter(|d| d.binary == "jfs-blockd").count() as u32;
+    crate::say!("waiting for a metad leader and heartbeats from {blockds} blockd(s)...");
     let deadline = Instant::now() + READY_DEADLINE;
     let probe_timeout = Duration::from_secs(1);
     let mut leader_seen: Option<String> = None;
@@ -507,7 +510,7 @@ async fn wait_ready(
             };
             if st.role == "leader" {
                 leader_seen = Some(format!("metad{} ({})", peer.id, peer.rpc_addr));
-                if st.live_blockds >= 1 {
+                if st.live_blockds >= blockds {
                     ready = Some((peer, st));
                 }
                 break;
@@ -530,7 +533,8 @@ async fn wait_ready(
                     layout.log("metad1").display()
                 ),
                 (Some(l), None, _) => format!(
-                    "{l} is leader but no blockd has heartbeated to it; read {} (and blockd2, blockd3) for why",
+                    "{l} is leader but has not heard from all {blockds} blockds; read {} (and blockd2, blockd3) \
+                     for why",
                     layout.log("blockd1").display()
                 ),
                 (Some(_), Some(_), Some(d)) => format!(

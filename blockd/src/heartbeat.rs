@@ -39,7 +39,7 @@ const CLUSTER_ID_FILE: &str = "cluster_id";
 const TERM_FILE: &str = "term";
 
 /// How long one heartbeat call may take before the next metad is tried.
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the leader may take over one piece of a full block report.
 const REPORT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most block ids in one piece of a full block report.
@@ -310,6 +310,28 @@ impl<C: MetaCaller> LeaderFinder<C> {
         }
     }
 
+    /// Tells every metad but the believed leader that this blockd is alive,
+    /// in the background and without waiting: a follower elected later then
+    /// places new blocks here at once instead of failing writes with "no
+    /// live blockd" until heartbeats reach it. Answers are not used (a
+    /// follower says "not leader"), and a hung node only delays its own copy.
+    pub fn tell_followers(&self, req: &HeartbeatRequest) {
+        let req = HeartbeatRequest {
+            liveness_only: true,
+            ..req.clone()
+        };
+        for addr in self.addrs.iter().filter(|a| Some(*a) != self.leader.as_ref()) {
+            let (mut caller, addr, req) = (self.caller.clone(), addr.clone(), req.clone());
+            tokio::spawn(async move {
+                if let Err(e) = caller.call(&addr, req).await {
+                    if !matches!(e, FsError::NotLeader { .. }) {
+                        debug!(metad = %addr, error = %e, "liveness heartbeat not taken");
+                    }
+                }
+            });
+        }
+    }
+
     /// Sends `req` to the leader: the last known one first, then every configured address,
     /// following hints. Returns the leader's address and its reply, or the last error seen.
     /// An error that is not retryable comes from a live leader and is returned at once.
@@ -451,6 +473,7 @@ impl<C: MetaCaller> Heartbeat<C> {
             }
         };
         let mut req = self.request(space);
+        self.finder.tell_followers(&req);
         let changes = self.report.outgoing();
         changes.fill(&mut req);
         match self.finder.send(&req).await {

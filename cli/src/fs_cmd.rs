@@ -166,7 +166,7 @@ fn at(uri: &JfsUri) -> impl Fn(FsError) -> CliError + '_ {
 
 pub async fn run(cfg: &Config, op: FsOp) -> CliResult<()> {
     let client = Client::connect(cfg, &op.uri().namespace).await?;
-    match op {
+    let result = match op {
         FsOp::Count(uri) => count(&client, &uri).await,
         FsOp::Chunks(uri) => chunks(&client, &uri).await,
         FsOp::Ls { long, uri } => ls(&client, &uri, long).await,
@@ -175,7 +175,11 @@ pub async fn run(cfg: &Config, op: FsOp) -> CliResult<()> {
         FsOp::Get { force, uri, local } => get(&client, &uri, &local, force).await,
         FsOp::Mkdir { parents, uri } => mkdir(&client, &uri, parents).await,
         FsOp::Rm { recursive, uri } => rm(&client, &uri, recursive).await,
-    }
+    };
+    // A short run ends its metad session now rather than leaving it (and
+    // its saved replies) to expire.
+    client.meta().close().await;
+    result
 }
 
 fn is_dir(a: &Attr) -> bool {

@@ -2,13 +2,14 @@
 //!
 //! This file holds the command-line grammar (clap derive), the error type
 //! every subcommand returns, and the mapping from errors to exit codes:
-//! 0 success, 1 the operation failed, 2 the command line or the config file
-//! is wrong. The work itself lives in one module per command family.
+//! 0 success, 1 the operation failed (or, for `admin node health`, the node
+//! is not healthy), 2 the command line or the config file is wrong. The work itself lives in one module per command family.
 
 mod admin;
 mod fs_cmd;
 mod fsck;
 mod local_cluster;
+mod membership;
 mod metastatus;
 
 use std::path::{Path, PathBuf};
@@ -57,9 +58,12 @@ enum Command {
     Local(LocalCommand),
 
     /// Show every metad node's role, term and log position. Exits 1 when no leader is visible.
+    ///
+    /// Asks the nodes of the config file, and any other member they name (nodes added later),
+    /// each directly, so a sick node shows as it is. Reasons for unreachable nodes go to stderr.
     Metastatus(MetastatusArgs),
 
-    /// Cluster administration: namespaces and blockds.
+    /// Cluster administration: namespaces, blockds, metad nodes, leadership.
     #[command(subcommand)]
     Admin(AdminCommand),
 
@@ -105,9 +109,16 @@ enum LocalCommand {
 
 #[derive(Args, Debug)]
 struct MetastatusArgs {
-    /// Also show commit index, last log index, leader, voters/learners, cluster id, live blockds.
+    /// Also show commit index, last log index, last contact (leader: ms since a quorum
+    /// acknowledged it; follower: ms since it heard from the leader; `-` unknown), leader,
+    /// voters/learners, cluster id, live blockds.
     #[arg(long, short = 'd', alias = "details")]
     detail: bool,
+    /// Also ask each node for a digest of its state machine, shown as DIGEST@INDEX. Replicas
+    /// at the same index must show the same digest; a different one means a diverged replica.
+    /// Reads each node's whole state: for checks, not for routine polling.
+    #[arg(long)]
+    digest: bool,
     /// Use the local dev cluster in this state directory (reads STATE/jfs.toml).
     #[arg(long, value_name = "STATE")]
     dir: Option<PathBuf>,
@@ -138,6 +149,116 @@ enum AdminCommand {
     /// Storage daemons: list, decommission, remove.
     #[command(subcommand)]
     Blockd(BlockdCommand),
+    /// Metadata (Raft) nodes: add, remove, replace, inspect, health-check.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Hand metad leadership to another node, e.g. before restarting or servicing the leader.
+    ///
+    /// The target must be a voter that holds every log entry (`jfs admin node health ID` says
+    /// so). Clients pause for about a second while leadership moves and then continue; nothing
+    /// is lost. If the handover fails, the current leader keeps leading and the error says why.
+    Failover {
+        /// Id of the metad node that should lead (see `jfs metastatus`).
+        #[arg(long, value_name = "ID")]
+        to: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// Add a metad node: it joins as a learner, copies the data, then becomes a voter
+    ///
+    /// The new node must already be running, started with an empty data directory, a new id,
+    /// and --join pointing at any current member:
+    ///
+    ///     jfs-metad --node-id ID --rpc-address HOST:PORT --raft-address HOST:PORT --join MEMBER-HOST:PORT
+    ///
+    /// Ids are never reused: an id that was ever a member (even one removed or wiped since)
+    /// is refused, because its old votes could be counted twice. Take a new id, e.g. one above
+    /// the highest in `jfs metastatus --detail`.
+    ///
+    /// Waits until the node is a voter (a big namespace is copied as a snapshot, which can take
+    /// minutes), then prints the voters and learners. Safe to run again, also after a timeout.
+    /// Next: `jfs admin node health ID`.
+    #[command(verbatim_doc_comment)]
+    Add {
+        /// Id of the new node, as given to its --node-id.
+        #[arg(value_name = "ID")]
+        id: u64,
+        /// The new node's client address (its --rpc-address), HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        rpc_address: String,
+        /// The new node's Raft address (its --raft-address), HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        raft_address: String,
+    },
+    /// Remove a metad node (voter or learner) from the cluster.
+    ///
+    /// Use it for a node that is gone for good (dead disk, wiped data directory) or being
+    /// retired; then stop its jfs-metad if it still runs and never start that id again (start a
+    /// replacement with a new id and `jfs admin node add` it, or use `jfs admin node replace`).
+    /// Removing the leader moves leadership to another node (clients pause about a second).
+    /// Removing a node that is not a member succeeds, so it is safe to repeat.
+    ///
+    /// Refused when the voters left would not have a majority that answers (the cluster would
+    /// stop); bring the missing nodes back first, or pass --force if you know better.
+    Remove {
+        /// Id of the node to remove (see `jfs metastatus --detail`).
+        #[arg(value_name = "ID")]
+        id: u64,
+        /// Remove even if the remaining voters do not seem to have an answering majority.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Replace metad node OLD by a new node NEW: add NEW (as `add` does), then remove OLD
+    ///
+    /// NEW must already be running, started with an empty data directory and a new id:
+    ///
+    ///     jfs-metad --node-id NEW --rpc-address HOST:PORT --raft-address HOST:PORT --join MEMBER-HOST:PORT
+    ///
+    /// OLD keeps counting until NEW is a voter, so the cluster never has fewer voters than now.
+    /// Each step is reported as it completes; if the command stops halfway, run it again
+    /// (both steps are safe to repeat). Afterwards stop OLD's jfs-metad if it still runs.
+    #[command(verbatim_doc_comment)]
+    Replace {
+        /// Id of the node to take out.
+        #[arg(value_name = "OLD")]
+        old: u64,
+        /// Id of the new node, as given to its --node-id (never a previously used id).
+        #[arg(long = "with", value_name = "NEW")]
+        new: u64,
+        /// NEW's client address (its --rpc-address), HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        rpc_address: String,
+        /// NEW's Raft address (its --raft-address), HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        raft_address: String,
+    },
+    /// Show one metad node's own view: role, term, leader, commit/applied/last log index, last
+    /// contact, voters and learners.
+    ///
+    /// The node is found among the config file's nodes and the members they name. Fails when
+    /// no node with this id answers.
+    State {
+        /// Id of the node (see `jfs metastatus`).
+        #[arg(value_name = "ID")]
+        id: u64,
+        /// Also compute the digest of the node's state machine (DIGEST@INDEX), to compare with
+        /// other replicas at the same index. Reads the whole state: takes a while on big ones.
+        #[arg(long)]
+        digest: bool,
+    },
+    /// Exit 0 if the metad node is healthy, 1 if not, with one line saying why.
+    ///
+    /// Healthy: it answers within 2 s, it is a leader or follower (a learner is still catching
+    /// up), it knows a leader, its applied index is within 1000 entries of the leader's commit
+    /// index, and, for a follower, it heard from the leader less than 5 s ago. Suitable for
+    /// monitoring and for checking a node after `add`, before `failover`, or after a restart.
+    Health {
+        /// Id of the node (see `jfs metastatus`).
+        #[arg(value_name = "ID")]
+        id: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -268,13 +389,17 @@ pub enum CliError {
     /// Something else went wrong while doing the work (exit 1).
     #[error("{0}")]
     Failed(String),
+    /// A health check found a problem (exit 1); the text is the one-line verdict, printed to
+    /// stdout like a healthy one.
+    #[error("{0}")]
+    Unhealthy(String),
 }
 
 impl CliError {
     fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) | CliError::Config(_) => 2,
-            CliError::Fs(_) | CliError::FsAt(..) | CliError::Failed(_) => 1,
+            CliError::Fs(_) | CliError::FsAt(..) | CliError::Failed(_) | CliError::Unhealthy(_) => 1,
         }
     }
 }
@@ -342,7 +467,7 @@ async fn run(cli: Cli) -> CliResult<()> {
         Command::Metastatus(args) => {
             let path = metastatus_conf_path(args.dir.as_deref(), conf)?;
             let cfg = load_config(&path)?;
-            metastatus::run(&cfg, args.detail).await
+            metastatus::run(&cfg, args.detail, args.digest).await
         }
         Command::Admin(cmd) => {
             let cfg = load_config(&resolve_conf_path(conf)?)?;
@@ -367,6 +492,21 @@ async fn run(cli: Cli) -> CliResult<()> {
                 AdminCommand::Blockd(BlockdCommand::Remove { id }) => {
                     admin::set_blockd_state(&cfg, &id, "remove").await
                 }
+                AdminCommand::Node(NodeCommand::Add {
+                    id,
+                    rpc_address,
+                    raft_address,
+                }) => membership::add(&cfg, id, &rpc_address, &raft_address).await,
+                AdminCommand::Node(NodeCommand::Remove { id, force }) => membership::remove(&cfg, id, force).await,
+                AdminCommand::Node(NodeCommand::Replace {
+                    old,
+                    new,
+                    rpc_address,
+                    raft_address,
+                }) => membership::replace(&cfg, old, new, &rpc_address, &raft_address).await,
+                AdminCommand::Node(NodeCommand::State { id, digest }) => membership::state(&cfg, id, digest).await,
+                AdminCommand::Node(NodeCommand::Health { id }) => membership::health(&cfg, id).await,
+                AdminCommand::Failover { to } => membership::failover(&cfg, to).await,
             }
         }
         Command::Fsck { uri } => {
@@ -417,6 +557,8 @@ fn main() -> ExitCode {
         Err(e) => {
             match &e {
                 CliError::Fs(_) | CliError::FsAt(..) => eprintln!("{e}"),
+                // A verdict, not a failure of the tool: stdout, like the healthy one.
+                CliError::Unhealthy(line) => say!("{line}"),
                 _ => eprintln!("jfs: {e}"),
             }
             ExitCode::from(e.exit_code())
@@ -439,6 +581,7 @@ mod tests {
         assert_eq!(CliError::Usage("x".into()).exit_code(), 2);
         assert_eq!(CliError::Fs(FsError::NotFound).exit_code(), 1);
         assert_eq!(CliError::Failed("x".into()).exit_code(), 1);
+        assert_eq!(CliError::Unhealthy("x".into()).exit_code(), 1);
         assert_eq!(
             CliError::Fs(FsError::NotFound).to_string(),
             "ErrorCode : 25001 , ErrorMsg: no such file or directory"
@@ -452,6 +595,7 @@ mod tests {
             r.command,
             Command::Metastatus(MetastatusArgs {
                 detail: true,
+                digest: false,
                 dir: Some(_)
             })
         ));
@@ -465,6 +609,36 @@ mod tests {
             metastatus_conf_path(None, Some(Path::new("/x"))).unwrap(),
             Path::new("/x")
         );
+    }
+
+    #[test]
+    fn node_commands_parse() {
+        let r = Cli::try_parse_from([
+            "jfs",
+            "admin",
+            "node",
+            "replace",
+            "2",
+            "--with",
+            "4",
+            "--rpc-address",
+            "h:8131",
+            "--raft-address",
+            "h:8133",
+        ])
+        .unwrap();
+        assert!(matches!(
+            r.command,
+            Command::Admin(AdminCommand::Node(NodeCommand::Replace { old: 2, new: 4, .. }))
+        ));
+        let r = Cli::try_parse_from(["jfs", "admin", "failover", "--to", "3"]).unwrap();
+        assert!(matches!(r.command, Command::Admin(AdminCommand::Failover { to: 3 })));
+        let r = Cli::try_parse_from(["jfs", "metastatus", "--detail", "--digest"]).unwrap();
+        assert!(matches!(
+            r.command,
+            Command::Metastatus(MetastatusArgs { digest: true, .. })
+        ));
+        assert!(Cli::try_parse_from(["jfs", "admin", "node", "add", "4", "--rpc-address", "h:1"]).is_err());
     }
 
     #[test]

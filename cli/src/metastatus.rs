@@ -1,14 +1,17 @@
 //! `jfs metastatus`: each metad node's own view of the Raft group.
 //!
-//! Every node from the config is asked once (Meta.Status, short timeout, no
-//! retry, no leader following — the point is to see each node as it is), one
-//! after the other, and the answers are printed as a table. A node that does
-//! not answer shows as `unreachable`, with the reason under the table. The
+//! Every node is asked once (Meta.Status, short timeout, no retry, no leader
+//! following — the point is to see each node as it is): first the nodes of
+//! the config file, all at once, then any member address the answering
+//! nodes name that the config does not (nodes added later with `jfs admin
+//! node add`). The answers are printed as a table. A node that does not
+//! answer shows as `unreachable`, with the reason under the table. The
 //! command fails (exit 1) when no node says it is the leader.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use jfs_common::config::{Config, MetaPeer};
+use jfs_common::config::Config;
 use jfs_common::rpc::{meta_client::MetaClient, NodeStatus, StatusRequest};
 use jfs_common::FsError;
 
@@ -16,25 +19,40 @@ use crate::{CliError, CliResult};
 
 /// Long enough for a loaded 2-core machine, short enough that a dead node
 /// does not make the operator wait.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A digest reads the node's whole state machine: allow for a big one.
+pub const DIGEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Rounds of "ask the members the answers named": one is enough unless
+/// membership changes while we ask.
+const DISCOVERY_ROUNDS: usize = 3;
 
 /// Asks one node for its status, once. (Not `MetaClient::status_of`: its
 /// error drops the transport cause, and "Connection refused" versus a
 /// timeout is exactly what the operator needs to tell a dead node from a
 /// hung or unreachable one.)
 pub async fn probe(rpc_addr: &str, timeout: Duration) -> Result<NodeStatus, FsError> {
+    probe_status(rpc_addr, timeout, false).await
+}
+
+/// [`probe`], optionally asking for a digest of the node's state machine.
+/// Connecting takes at most [`PROBE_TIMEOUT`] even when the answer may take
+/// longer: a dead or hung node is told apart as fast as without a digest.
+pub async fn probe_status(rpc_addr: &str, timeout: Duration, digest: bool) -> Result<NodeStatus, FsError> {
+    let connect_timeout = timeout.min(PROBE_TIMEOUT);
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{rpc_addr}"))
         .map_err(|e| FsError::InvalidArgument(format!("bad metad address {rpc_addr:?}: {e}")))?
-        .connect_timeout(timeout)
+        .connect_timeout(connect_timeout)
         .timeout(timeout);
-    let channel = tokio::time::timeout(timeout, endpoint.connect())
+    let channel = tokio::time::timeout(connect_timeout, endpoint.connect())
         .await
-        .map_err(|_| FsError::Unavailable(format!("no answer within {timeout:?}")))?
+        .map_err(|_| FsError::Unavailable(format!("no answer within {connect_timeout:?}")))?
         .map_err(|e| FsError::Unavailable(connect_error_text(&e)))?;
     let mut client = MetaClient::new(channel)
         .max_decoding_message_size(jfs_common::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(jfs_common::MAX_MESSAGE_BYTES);
-    let reply = tokio::time::timeout(timeout, client.status(StatusRequest {}))
+    let reply = tokio::time::timeout(timeout, client.status(StatusRequest { digest }))
         .await
         .map_err(|_| FsError::Unavailable(format!("no answer within {timeout:?}")))??;
     Ok(reply.into_inner())
@@ -56,27 +74,108 @@ fn connect_error_text(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// One row of the report: the node as configured and what it said.
+/// One row of the report: where the node was asked, and what it said.
 pub struct NodeReport {
-    pub peer: MetaPeer,
+    /// The node's id in the config file; `None` for a node found only in
+    /// another node's member list (added after the config was written).
+    pub configured_id: Option<u64>,
+    pub rpc_addr: String,
     pub status: Result<NodeStatus, FsError>,
 }
 
-pub async fn collect(cfg: &Config) -> Vec<NodeReport> {
-    let mut out = Vec::with_capacity(cfg.peers.len());
-    for peer in &cfg.peers {
-        let status = probe(&peer.rpc_addr, PROBE_TIMEOUT).await;
-        out.push(NodeReport {
-            peer: peer.clone(),
-            status,
-        });
+impl NodeReport {
+    /// The node id to show: the configured one, else what the node said.
+    pub fn id(&self) -> Option<u64> {
+        self.configured_id
+            .or_else(|| self.status.as_ref().ok().map(|s| s.node_id))
     }
-    out
 }
 
-pub async fn run(cfg: &Config, detail: bool) -> CliResult<()> {
-    let reports = collect(cfg).await;
-    let (table, notes) = render(&reports, detail);
+/// Member addresses named by the answering nodes that are not in `known`,
+/// sorted, each once.
+pub fn new_member_addrs(reports: &[NodeReport], known: &BTreeSet<String>) -> Vec<String> {
+    let mut out = BTreeSet::new();
+    for r in reports {
+        if let Ok(s) = &r.status {
+            for a in &s.members {
+                if !a.is_empty() && !known.contains(a) {
+                    out.insert(a.clone());
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Asks every metad node for its status: the config file's nodes, then the
+/// members their answers name (repeatedly, while new ones turn up). Config
+/// nodes come first, in config order; found ones follow, by node id. A
+/// found address that answers as a node already seen elsewhere is dropped.
+pub async fn collect(cfg: &Config, digest: bool) -> Vec<NodeReport> {
+    let timeout = if digest { DIGEST_TIMEOUT } else { PROBE_TIMEOUT };
+    let asks = cfg.peers.iter().map(|p| async move {
+        NodeReport {
+            configured_id: Some(p.id),
+            rpc_addr: p.rpc_addr.clone(),
+            status: probe_status(&p.rpc_addr, timeout, digest).await,
+        }
+    });
+    let reports = futures::future::join_all(asks).await;
+    let mut known: BTreeSet<String> = reports.iter().map(|r| r.rpc_addr.clone()).collect();
+    let mut found: Vec<NodeReport> = Vec::new();
+    for _ in 0..DISCOVERY_ROUNDS {
+        let mut fresh = new_member_addrs(&reports, &known);
+        fresh.extend(new_member_addrs(&found, &known));
+        fresh.sort();
+        fresh.dedup();
+        if fresh.is_empty() {
+            break;
+        }
+        known.extend(fresh.iter().cloned());
+        let asks = fresh.into_iter().map(|a| async move {
+            let status = probe_status(&a, timeout, digest).await;
+            NodeReport {
+                configured_id: None,
+                rpc_addr: a,
+                status,
+            }
+        });
+        found.extend(futures::future::join_all(asks).await);
+    }
+    merge_found(reports, found)
+}
+
+/// Appends the nodes found through member lists to the configured ones,
+/// sorted by id, dropping a second answer from a node already seen, and an
+/// unreachable address that the newest leader does not list as a member
+/// (a removed node that still runs names members that are gone).
+pub fn merge_found(mut reports: Vec<NodeReport>, mut found: Vec<NodeReport>) -> Vec<NodeReport> {
+    let members: Option<BTreeSet<String>> = reports
+        .iter()
+        .chain(found.iter())
+        .filter_map(|r| r.status.as_ref().ok())
+        .filter(|s| s.role == "leader")
+        .max_by_key(|s| s.term)
+        .map(|l| l.members.iter().cloned().collect());
+    let mut seen: BTreeSet<u64> = reports
+        .iter()
+        .filter_map(|r| r.status.as_ref().ok().map(|s| s.node_id))
+        .collect();
+    found.sort_by(|a, b| (a.id().is_none(), a.id(), &a.rpc_addr).cmp(&(b.id().is_none(), b.id(), &b.rpc_addr)));
+    for r in found {
+        match &r.status {
+            Ok(s) if !seen.insert(s.node_id) => continue,
+            Err(_) if members.as_ref().is_some_and(|m| !m.contains(&r.rpc_addr)) => continue,
+            _ => {}
+        }
+        reports.push(r);
+    }
+    reports
+}
+
+pub async fn run(cfg: &Config, detail: bool, digest: bool) -> CliResult<()> {
+    let reports = collect(cfg, digest).await;
+    let (table, notes) = render(&reports, detail, digest);
     crate::say!("{}", table.trim_end());
     // Diagnostics go to stderr: stdout stays one clean table for scripts.
     for n in notes {
@@ -99,7 +198,7 @@ pub async fn run(cfg: &Config, detail: bool) -> CliResult<()> {
     Ok(())
 }
 
-fn join_ids(ids: &[u64]) -> String {
+pub fn join_ids(ids: &[u64]) -> String {
     if ids.is_empty() {
         "-".to_string()
     } else {
@@ -107,13 +206,42 @@ fn join_ids(ids: &[u64]) -> String {
     }
 }
 
+/// `ID (ADDRESS)`, `ID`, or `unknown` when the node knows no leader.
+pub fn leader_text(s: &NodeStatus) -> String {
+    match (s.leader_id, s.leader_address.as_str()) {
+        (0, _) => "unknown".to_string(),
+        (id, "") => id.to_string(),
+        (id, addr) => format!("{id} ({addr})"),
+    }
+}
+
+/// `DIGEST@INDEX`, or `-` when the node sent none.
+pub fn digest_text(s: &NodeStatus) -> String {
+    if s.digest.is_empty() {
+        "-".to_string()
+    } else {
+        format!("{}@{}", s.digest, s.digest_index)
+    }
+}
+
+/// Milliseconds as one word (`45ms`); 0 means the node does not know.
+pub fn contact_text(ms: u64) -> String {
+    if ms == 0 {
+        "-".to_string()
+    } else {
+        format!("{ms}ms")
+    }
+}
+
 /// The report: the table, and one note per unreachable or odd node saying why.
-pub fn render(reports: &[NodeReport], detail: bool) -> (String, Vec<String>) {
+pub fn render(reports: &[NodeReport], detail: bool, digest: bool) -> (String, Vec<String>) {
+    // Scripts and tests read the first five columns by position: keep them.
     let mut headers = vec!["NODE", "RPC ADDRESS", "ROLE", "TERM", "APPLIED"];
     if detail {
         headers.extend([
             "COMMIT",
             "LAST LOG",
+            "LAST CONTACT",
             "LEADER",
             "VOTERS",
             "LEARNERS",
@@ -121,23 +249,29 @@ pub fn render(reports: &[NodeReport], detail: bool) -> (String, Vec<String>) {
             "LIVE BLOCKDS",
         ]);
     }
+    if digest {
+        headers.push("DIGEST");
+    }
+    // Membership as the (newest) leader sees it, to point out nodes that left.
+    let leader = reports
+        .iter()
+        .filter_map(|r| r.status.as_ref().ok())
+        .filter(|s| s.role == "leader")
+        .max_by_key(|s| s.term);
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     for r in reports {
-        let mut row = vec![r.peer.id.to_string(), r.peer.rpc_addr.clone()];
+        let id = r.id().map_or_else(|| "?".to_string(), |i| i.to_string());
+        let mut row = vec![id, r.rpc_addr.clone()];
         match &r.status {
             Ok(s) => {
                 row.extend([s.role.clone(), s.term.to_string(), s.applied_index.to_string()]);
                 if detail {
-                    let leader = match (s.leader_id, s.leader_address.as_str()) {
-                        (0, _) => "unknown".to_string(),
-                        (id, "") => id.to_string(),
-                        (id, addr) => format!("{id} ({addr})"),
-                    };
                     row.extend([
                         s.commit_index.to_string(),
                         s.last_log_index.to_string(),
-                        leader,
+                        contact_text(s.last_contact_ms),
+                        leader_text(s),
                         join_ids(&s.voters),
                         join_ids(&s.learners),
                         if s.cluster_id.is_empty() {
@@ -148,18 +282,38 @@ pub fn render(reports: &[NodeReport], detail: bool) -> (String, Vec<String>) {
                         s.live_blockds.to_string(),
                     ]);
                 }
-                if s.node_id != r.peer.id {
-                    notes.push(format!(
-                        "node {} ({}): answers as node id {} — the config's initial-conf order and the \
-                         daemon's --node-id disagree",
-                        r.peer.id, r.peer.rpc_addr, s.node_id
-                    ));
+                if digest {
+                    row.push(digest_text(s));
+                }
+                if let Some(cid) = r.configured_id {
+                    if s.node_id != cid {
+                        notes.push(format!(
+                            "node {} ({}): answers as node id {} — the config's initial-conf order and the \
+                             daemon's --node-id disagree",
+                            cid, r.rpc_addr, s.node_id
+                        ));
+                    }
+                }
+                if let Some(l) = leader {
+                    if !l.voters.contains(&s.node_id) && !l.learners.contains(&s.node_id) {
+                        notes.push(format!(
+                            "node {} ({}): not a member of the cluster (leader {} lists voters {}, learners {}); \
+                             it was removed or never added: stop it, or add it with `jfs admin node add` under \
+                             a new id",
+                            s.node_id,
+                            r.rpc_addr,
+                            l.node_id,
+                            join_ids(&l.voters),
+                            join_ids(&l.learners)
+                        ));
+                    }
                 }
             }
             Err(e) => {
                 row.push("unreachable".to_string());
                 row.resize(headers.len(), "-".to_string());
-                notes.push(format!("node {} ({}): {}", r.peer.id, r.peer.rpc_addr, e));
+                let who = r.id().map_or_else(|| "member".to_string(), |i| format!("node {i}"));
+                notes.push(format!("{who} ({}): {}", r.rpc_addr, e));
             }
         }
         rows.push(row);
@@ -201,18 +355,14 @@ pub fn format_table(headers: &[&str], rows: &[Vec<String>]) -> String {
 mod tests {
     use super::*;
 
-    fn peer(id: u64) -> MetaPeer {
-        MetaPeer {
-            id,
-            raft_addr: format!("127.0.0.1:{}", 8103 + 10 * (id - 1)),
-            rpc_addr: format!("127.0.0.1:{}", 8101 + 10 * (id - 1)),
-        }
+    fn addr(id: u64) -> String {
+        format!("127.0.0.1:{}", 8101 + 10 * (id - 1))
     }
 
     fn status(id: u64, role: &str) -> NodeStatus {
         NodeStatus {
             node_id: id,
-            rpc_address: peer(id).rpc_addr,
+            rpc_address: addr(id),
             role: role.into(),
             term: 3,
             commit_index: 42,
@@ -223,7 +373,17 @@ mod tests {
             voters: vec![1, 2, 3],
             last_log_index: 43,
             live_blockds: 3,
+            members: (1..=3).map(addr).collect(),
+            last_contact_ms: 17,
             ..Default::default()
+        }
+    }
+
+    fn report(id: u64, status: Result<NodeStatus, FsError>) -> NodeReport {
+        NodeReport {
+            configured_id: Some(id),
+            rpc_addr: addr(id),
+            status,
         }
     }
 
@@ -239,20 +399,11 @@ mod tests {
     #[test]
     fn short_report() {
         let reports = vec![
-            NodeReport {
-                peer: peer(1),
-                status: Ok(status(1, "leader")),
-            },
-            NodeReport {
-                peer: peer(2),
-                status: Ok(status(2, "follower")),
-            },
-            NodeReport {
-                peer: peer(3),
-                status: Err(FsError::Unavailable("connection refused".into())),
-            },
+            report(1, Ok(status(1, "leader"))),
+            report(2, Ok(status(2, "follower"))),
+            report(3, Err(FsError::Unavailable("connection refused".into()))),
         ];
-        let (text, notes) = render(&reports, false);
+        let (text, notes) = render(&reports, false, false);
         let expected = "\
 NODE  RPC ADDRESS     ROLE         TERM  APPLIED
 1     127.0.0.1:8101  leader       3     41
@@ -268,16 +419,14 @@ NODE  RPC ADDRESS     ROLE         TERM  APPLIED
 
     #[test]
     fn detail_report_has_every_column() {
-        let reports = vec![NodeReport {
-            peer: peer(1),
-            status: Ok(status(1, "leader")),
-        }];
-        let (text, _) = render(&reports, true);
+        let reports = vec![report(1, Ok(status(1, "leader")))];
+        let (text, _) = render(&reports, true, false);
         let mut lines = text.lines();
         let header = lines.next().unwrap();
         for h in [
             "COMMIT",
             "LAST LOG",
+            "LAST CONTACT",
             "LEADER",
             "VOTERS",
             "LEARNERS",
@@ -286,18 +435,126 @@ NODE  RPC ADDRESS     ROLE         TERM  APPLIED
         ] {
             assert!(header.contains(h), "{header}");
         }
+        assert!(!header.contains("DIGEST"), "{header}");
         let row = lines.next().unwrap();
-        for v in ["42", "43", "1 (127.0.0.1:8101)", "1,2,3", "c0ffee"] {
+        for v in ["42", "43", "17ms", "1 (127.0.0.1:8101)", "1,2,3", "c0ffee"] {
             assert!(row.contains(v), "{row}");
         }
+        // COMMIT is the commit index, not the applied one.
+        let commit_col = header.find("COMMIT").unwrap();
+        assert_eq!(&row[commit_col..commit_col + 2], "42", "{text}");
+        // The first five columns stay where scripts read them.
+        let f: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(&f[..5], ["1", "127.0.0.1:8101", "leader", "3", "41"]);
+    }
+
+    #[test]
+    fn digest_column_is_one_word_per_node() {
+        let mut s = status(1, "leader");
+        s.digest = "0123abcd4567ef01-99".into();
+        s.digest_index = 41;
+        let reports = vec![
+            report(1, Ok(s)),
+            report(2, Ok(status(2, "follower"))),
+            report(3, Err(FsError::Unavailable("connection refused".into()))),
+        ];
+        let (text, _) = render(&reports, true, true);
+        let digests: Vec<&str> = text.split_whitespace().filter(|w| w.contains('@')).collect();
+        assert_eq!(digests, ["0123abcd4567ef01-99@41"], "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].ends_with("DIGEST"), "{text}");
+        assert!(lines[2].ends_with(" -"), "{text}");
+        // Also without --detail.
+        let (text, _) = render(&reports, false, true);
+        assert!(text.lines().next().unwrap().ends_with("APPLIED  DIGEST"), "{text}");
+    }
+
+    #[test]
+    fn found_nodes_show_their_own_id() {
+        let mut reports = vec![report(1, Ok(status(1, "leader")))];
+        reports[0].status.as_mut().unwrap().voters = vec![1, 4];
+        reports.push(NodeReport {
+            configured_id: None,
+            rpc_addr: addr(4),
+            status: Ok(status(4, "follower")),
+        });
+        reports.push(NodeReport {
+            configured_id: None,
+            rpc_addr: addr(5),
+            status: Err(FsError::Unavailable("connection refused".into())),
+        });
+        let (text, notes) = render(&reports, false, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[2].starts_with("4     127.0.0.1:8131  follower"), "{text}");
+        assert!(lines[3].starts_with("?     127.0.0.1:8141  unreachable"), "{text}");
+        assert_eq!(
+            notes,
+            vec!["member (127.0.0.1:8141): service unavailable: connection refused".to_string()]
+        );
+    }
+
+    #[test]
+    fn removed_node_is_pointed_out() {
+        let mut leader = status(1, "leader");
+        leader.voters = vec![1, 3];
+        let reports = vec![report(1, Ok(leader)), report(2, Ok(status(2, "follower")))];
+        let notes = render(&reports, false, false).1;
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].starts_with("node 2 (127.0.0.1:8111): not a member"),
+            "{notes:?}"
+        );
+    }
+
+    #[test]
+    fn member_addresses_beyond_the_known_ones() {
+        let mut s = status(1, "leader");
+        s.members = vec![addr(1), addr(4), String::new(), addr(4)];
+        let reports = vec![report(1, Ok(s)), report(2, Err(FsError::Unavailable("x".into())))];
+        let known: BTreeSet<String> = [addr(1), addr(2)].into_iter().collect();
+        assert_eq!(new_member_addrs(&reports, &known), vec![addr(4)]);
+    }
+
+    #[test]
+    fn found_nodes_are_merged_by_id_and_stale_ones_dropped() {
+        let mut leader = status(1, "leader");
+        leader.members = vec![addr(1), addr(4), addr(5)];
+        let configured = vec![report(1, Ok(leader.clone()))];
+        let found = |id: u64, st: Result<NodeStatus, FsError>| NodeReport {
+            configured_id: None,
+            rpc_addr: addr(id),
+            status: st,
+        };
+        let refused = || Err(FsError::Unavailable("connection refused".into()));
+        let mut again = leader.clone();
+        again.rpc_address = "localhost:8101".into();
+        let merged = merge_found(
+            configured,
+            vec![
+                found(5, refused()),
+                found(6, refused()),
+                found(4, Ok(status(4, "follower"))),
+                NodeReport {
+                    configured_id: None,
+                    rpc_addr: "localhost:8101".into(),
+                    status: Ok(again),
+                },
+            ],
+        );
+        let rows: Vec<(Option<u64>, &str)> = merged.iter().map(|r| (r.id(), r.rpc_addr.as_str())).collect();
+        assert_eq!(
+            rows,
+            vec![
+                (Some(1), "127.0.0.1:8101"),
+                (Some(4), "127.0.0.1:8131"),
+                (None, "127.0.0.1:8141")
+            ]
+        );
     }
 
     #[test]
     fn mismatched_node_id_is_pointed_out() {
-        let reports = vec![NodeReport {
-            peer: peer(2),
-            status: Ok(status(3, "follower")),
-        }];
-        assert!(render(&reports, false).1[0].contains("disagree"));
+        let reports = vec![report(2, Ok(status(3, "follower")))];
+        assert!(render(&reports, false, false).1[0].contains("disagree"));
     }
 }

@@ -159,7 +159,8 @@ impl Client {
                 "the config lists no metad address (set jfs.namespace.server.rpc-address)".into(),
             ));
         }
-        let meta = MetaClient::new(cfg.rpc_addresses.clone(), cfg.client_timeout);
+        let meta =
+            MetaClient::new(cfg.rpc_addresses.clone(), cfg.client_timeout).with_session_timeout(cfg.session_timeout);
         Client::with_meta(meta, namespace).await
     }
 

@@ -60,6 +60,9 @@ pub struct Config {
     /// Blocks one blockd copies from others at a time when healing.
     pub replication_inflight: u32,
     pub client_timeout: Duration,
+    /// A client silent this long loses its metadata session (replies kept
+    /// for its retries, files it kept open after unlink, its locks).
+    pub session_timeout: Duration,
     pub attr_timeout: Duration,
     pub entry_timeout: Duration,
 }
@@ -70,8 +73,10 @@ impl Default for Config {
             peers: Vec::new(),
             rpc_addresses: Vec::new(),
             metad_data_dir: PathBuf::from("/var/lib/jfs/metad"),
-            raft_heartbeat: Duration::from_millis(150),
-            raft_election_timeout: Duration::from_millis(1000),
+            // Tuned with the election timeout for a failover under a second
+            // (see docs/DECISIONS.md, "Failover timing").
+            raft_heartbeat: Duration::from_millis(100),
+            raft_election_timeout: Duration::from_millis(600),
             raft_snapshot_every: 20_000,
             block_size: 4 << 20,
             replication: 3,
@@ -86,6 +91,7 @@ impl Default for Config {
             scrub_interval: Duration::from_secs(7 * 24 * 3600),
             replication_inflight: 8,
             client_timeout: Duration::from_secs(60),
+            session_timeout: Duration::from_secs(60),
             attr_timeout: Duration::from_secs(1),
             entry_timeout: Duration::from_secs(1),
         }
@@ -167,6 +173,10 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("blockd.replication-max-inflight", |c, v| {
         c.replication_inflight = as_int(v, 1, 64)? as u32;
+        Ok(())
+    }),
+    ("client.session-timeout-ms", |c, v| {
+        c.session_timeout = as_ms(v, 1000, 24 * 3_600_000)?;
         Ok(())
     }),
     ("client.timeout-ms", |c, v| {

@@ -57,6 +57,11 @@ pub enum FsError {
     Unavailable(String),
     #[error("request too old to be retried (its reply was already acknowledged)")]
     StaleRequest,
+    #[error(
+        "this client's metadata session expired (it was silent longer than its session timeout); calls it \
+         had in flight may or may not have taken effect, and its locks and open-unlinked files were released"
+    )]
+    SessionExpired,
     #[error("namespace {0:?} does not exist; create it with `jfs admin create-namespace {0}`")]
     NamespaceNotFound(String),
     #[error("{}", RECOVERY_READ_ONLY_MSG)]
@@ -93,6 +98,7 @@ impl FsError {
             NotLeader { .. } => (25017, libc::EAGAIN, Code::Unavailable),
             Unavailable(_) => (25018, libc::EIO, Code::Unavailable),
             StaleRequest => (25019, libc::EIO, Code::FailedPrecondition),
+            SessionExpired => (25024, libc::EIO, Code::FailedPrecondition),
             NamespaceNotFound(_) => (25020, libc::ENOENT, Code::NotFound),
             RecoveryReadOnly => (RECOVERY_READ_ONLY_CODE, libc::EROFS, Code::FailedPrecondition),
             ClusterMismatch(_) => (25022, libc::EIO, Code::FailedPrecondition),
@@ -143,6 +149,7 @@ impl FsError {
             25017 => NotLeader { leader },
             25018 => Unavailable(m),
             25019 => StaleRequest,
+            25024 => SessionExpired,
             25020 => NamespaceNotFound(m),
             RECOVERY_READ_ONLY_CODE => RecoveryReadOnly,
             25022 => ClusterMismatch(m),
@@ -239,6 +246,7 @@ mod tests {
             NotLeader { leader: None },
             Unavailable("no quorum".into()),
             StaleRequest,
+            SessionExpired,
             NamespaceNotFound("default".into()),
             RecoveryReadOnly,
             ClusterMismatch("a != b".into()),

@@ -17,7 +17,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client_id = rand::random::<u64>();
     let t = Instant::now();
     for _ in 0..n {
-        c.status(jfs_common::rpc::StatusRequest {}).await?;
+        c.status(jfs_common::rpc::StatusRequest::default()).await?;
     }
     println!(
         "status (no read index): {:.0} us",
@@ -34,6 +34,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             client_id,
             seq: i + 1,
             acked_below: i + 1,
+            session_timeout_ms: 60_000,
         });
         let name = format!("lat-{client_id:x}-{i}").into_bytes();
         c.mknod(MknodRequest {
@@ -56,6 +57,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             client_id,
             seq: n + i + 1,
             acked_below: n + i + 1,
+            session_timeout_ms: 60_000,
         });
         let name = format!("lat-{client_id:x}-{i}").into_bytes();
         c.rmdir(RmdirRequest {

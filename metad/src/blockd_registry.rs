@@ -1,9 +1,9 @@
 //! Live blockds as this node's leader sees them, built from heartbeats.
 //!
-//! This is soft state: it lives only in the leader's memory and is rebuilt
-//! from the next round of heartbeats after a failover (blockds heartbeat
-//! every second), so it never needs to go through Raft. Placement of new
-//! blocks — which only the leader does — reads it.
+//! This is soft state, never replicated through Raft: blockds heartbeat the
+//! leader, and send every other metad a liveness-only beat, so each node
+//! keeps its own view and a newly elected leader places blocks at once.
+//! Placement of new blocks — which only the leader does — reads it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -56,11 +56,6 @@ impl BlockdRegistry {
         self.lock()
             .get(id)
             .is_some_and(|b| b.last_seen.elapsed() < self.dead_after)
-    }
-
-    /// Forgets everything: a new term's leader rebuilds it from heartbeats.
-    pub fn clear(&self) {
-        self.lock().clear();
     }
 
     pub fn live(&self) -> Vec<BlockdInfo> {

@@ -34,6 +34,7 @@ use crate::kv::KvError;
 use crate::namespace;
 use crate::raft_store::SmView;
 use crate::raft_types::{BlockInfo, BlockdRec, BlockdState, Command, NodeId, Op, Raft};
+use crate::service::now_ns;
 
 /// Blocks looked at per healing round.
 const SCAN_PAGE: usize = 5_000;
@@ -180,7 +181,6 @@ impl Healer {
                 since: Some(Instant::now()),
                 ..State::default()
             };
-            self.blockds.clear();
         }
         st.since
             .is_some_and(|s| s.elapsed() > self.cfg.blockd_dead_after + self.cfg.blockd_heartbeat)
@@ -526,6 +526,7 @@ pub async fn propose_all(raft: &Raft, ops: Vec<Op>) {
             seq: 0,
             acked_below: 0,
             now_ns: now_ns(),
+            session_ns: 0,
             op,
         };
         match raft.client_write(cmd).await {
@@ -564,13 +565,6 @@ pub async fn run(healer: Arc<Healer>, raft: Raft, me: NodeId, mut stop: tokio::s
             Err(e) => warn!("block healing round failed reading the block table: {e}"),
         }
     }
-}
-
-pub fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -10,6 +10,9 @@
 //! | `N` namespace name          | `NamespaceRec`                 |
 //! | `S` client seq              | saved reply of one request     |
 //! | `L` client                  | client's acked_below watermark |
+//! | `Y` client                  | client session: expiry, timeout |
+//! | `Z` expiry client           | sessions by expiry (for reaping) |
+//! | `O` client ns ino           | orphan kept open by this client |
 //! | `G` since block id          | block waiting for deletion     |
 //! | `K` block id                | block: ns, length, replicas, refs |
 //! | `B` blockd id               | blockd: address, state         |
@@ -29,6 +32,8 @@ pub const ORPHAN_FLOOR: &[u8] = b"Corphan_floor";
 /// namespace never goes back, even under a leader whose clock is behind.
 pub const LAST_NOW: &[u8] = b"Clast_now";
 pub const NEXT_NS: &[u8] = b"Cnext_ns";
+/// Metad node ids that have held log entries (see `Op::RecordMember`).
+pub const SEEN_MEMBERS: &[u8] = b"Cseen_members";
 pub const NAMESPACES: &[u8] = b"N";
 pub const GARBAGE: &[u8] = b"G";
 /// Block ids come from one cluster-wide counter, so the block table is
@@ -50,6 +55,29 @@ pub fn namespace(name: &str) -> Vec<u8> {
 
 pub fn session_reply(client: u64, seq: u64) -> Vec<u8> {
     cat(&[b"S", &client.to_be_bytes(), &seq.to_be_bytes()])
+}
+
+pub fn session(client: u64) -> Vec<u8> {
+    cat(&[b"Y", &client.to_be_bytes()])
+}
+
+pub const SESSION_EXPIRY: &[u8] = b"Z";
+
+pub fn session_expiry(expires_ns: i64, client: u64) -> Vec<u8> {
+    // Expiry times are after the epoch, so the cast keeps their order.
+    cat(&[
+        SESSION_EXPIRY,
+        &(expires_ns.max(0) as u64).to_be_bytes(),
+        &client.to_be_bytes(),
+    ])
+}
+
+pub fn orphan_owner(client: u64, ns: u32, ino: u64) -> Vec<u8> {
+    cat(&[b"O", &client.to_be_bytes(), &ns.to_be_bytes(), &ino.to_be_bytes()])
+}
+
+pub fn orphan_owner_prefix(client: u64) -> Vec<u8> {
+    cat(&[b"O", &client.to_be_bytes()])
 }
 
 pub fn session_low(client: u64) -> Vec<u8> {

@@ -23,7 +23,7 @@ use jfs_common::slices::{self, Slice};
 
 use crate::raft_types::{
     ApplyResult, AttrRec, BlockInfo, BlockdRec, BlockdState, ChunkRec, Command, NamespaceRec, NewBlock, Op, Reply,
-    TimeSet,
+    SessionRec, TimeSet,
 };
 
 pub const ROOT_INO: u64 = 1;
@@ -194,6 +194,22 @@ pub fn next_block_id<R: KvRead + ?Sized>(kv: &R) -> Result<u64, KvError> {
 
 pub fn orphan_floor<R: KvRead + ?Sized>(kv: &R) -> Result<u64, KvError> {
     get_u64(kv, keys::ORPHAN_FLOOR)
+}
+
+/// How many client sessions and saved replies the state machine holds.
+pub fn session_counts<R: KvRead + ?Sized>(kv: &R) -> Result<(u64, u64), KvError> {
+    let sessions = kv.scan(b"Y", None, usize::MAX)?.len() as u64;
+    let replies = kv.scan(b"S", None, usize::MAX)?.len() as u64;
+    Ok((sessions, replies))
+}
+
+/// Metad node ids that have held log entries (`Op::RecordMember`).
+pub fn seen_members<R: KvRead + ?Sized>(kv: &R) -> Result<Vec<u64>, KvError> {
+    Ok(kv
+        .get(keys::SEEN_MEMBERS)?
+        .map(|v| decode("seen members", &v))
+        .transpose()?
+        .unwrap_or_default())
 }
 
 pub fn cluster_id<R: KvRead + ?Sized>(kv: &R) -> Result<Option<String>, KvError> {
@@ -415,6 +431,31 @@ pub fn blocks_in_range<R: KvRead + ?Sized>(
 /// a (client, seq) seen before gets its saved reply and changes nothing.
 pub fn apply_command<R: KvRead + ?Sized>(txn: &mut Txn<'_, R>, cmd: &Command) -> Result<ApplyResult, KvError> {
     if cmd.client_id != 0 {
+        let now = cmd
+            .now_ns
+            .max(txn_u64(txn, keys::LAST_NOW)?.min(i64::MAX as u64) as i64);
+        match session(txn, cmd.client_id)? {
+            Some(s) => renew_session(txn, cmd.client_id, s, now, cmd.session_ns),
+            // A client's first calls (nothing acknowledged yet) open its
+            // session. A client that has had replies but no session lost
+            // it: its reply table is gone, so a retry cannot be told from a
+            // new request, and it must not be applied.
+            None if cmd.acked_below <= 1 => renew_session(
+                txn,
+                cmd.client_id,
+                SessionRec {
+                    expires_ns: i64::MIN,
+                    timeout_ns: 0,
+                },
+                now,
+                cmd.session_ns,
+            ),
+            None => return Ok(Err(FsError::SessionExpired)),
+        }
+        if matches!(cmd.op, Op::KeepAlive { close: true }) {
+            end_session(txn, cmd.client_id)?;
+            return Ok(Ok(Reply::Ok));
+        }
         let low = txn_u64(txn, &keys::session_low(cmd.client_id))?;
         if cmd.seq < low {
             return Ok(Err(FsError::StaleRequest));
@@ -464,9 +505,89 @@ pub fn apply_command<R: KvRead + ?Sized>(txn: &mut Txn<'_, R>, cmd: &Command) ->
     Ok(result)
 }
 
+pub fn session<R: KvRead + ?Sized>(kv: &R, client: u64) -> Result<Option<SessionRec>, KvError> {
+    kv.get(&keys::session(client))?
+        .map(|v| decode("session", &v))
+        .transpose()
+}
+
+/// Moves a session's expiry to `now + timeout`, but writes only when that
+/// moves it by more than a quarter of the timeout: a busy client costs a
+/// session write a few times per timeout, not one per request.
+fn renew_session<R: KvRead + ?Sized>(t: &mut Txn<'_, R>, client: u64, s: SessionRec, now: i64, timeout_ns: i64) {
+    let timeout_ns = if timeout_ns > 0 { timeout_ns } else { s.timeout_ns };
+    let expires_ns = now.saturating_add(timeout_ns);
+    if s.expires_ns != i64::MIN
+        && expires_ns.saturating_sub(s.expires_ns) <= timeout_ns / 4
+        && timeout_ns == s.timeout_ns
+    {
+        return;
+    }
+    if s.expires_ns != i64::MIN {
+        t.delete(keys::session_expiry(s.expires_ns, client));
+    }
+    t.put(keys::session(client), encode(&SessionRec { expires_ns, timeout_ns }));
+    t.put(keys::session_expiry(expires_ns, client), Vec::new());
+}
+
+/// Forgets a session and everything kept for it: saved replies, the
+/// acknowledgement watermark, and files it kept open after their last
+/// unlink (destroyed now unless linked again).
+fn end_session<R: KvRead + ?Sized>(t: &mut Txn<'_, R>, client: u64) -> Result<(), KvError> {
+    if let Some(s) = session(t, client)? {
+        t.delete(keys::session_expiry(s.expires_ns, client));
+    }
+    t.delete(keys::session(client));
+    t.delete(keys::session_low(client));
+    let replies = keys::session_reply(client, 0)[..9].to_vec();
+    for (k, _) in t.scan(&replies, None, usize::MAX)? {
+        t.delete(k);
+    }
+    let owned = keys::orphan_owner_prefix(client);
+    let now = txn_u64(t, keys::LAST_NOW)?.min(i64::MAX as u64) as i64;
+    for (k, _) in t.scan(&owned, None, usize::MAX)? {
+        t.delete(k.clone());
+        let (Some(ns), Some(ino)) = (
+            k.get(9..13).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes),
+            keys::be_u64_at(&k, 13),
+        ) else {
+            return Err(KvError(format!("bad orphan owner key {k:?}")));
+        };
+        let mut c = Ctx { t, now, client };
+        match c.release_orphan(ns, ino) {
+            Ok(_) => {}
+            Err(NsError::Storage(e)) => return Err(e),
+            // The namespace or inode went away by other means: nothing to do.
+            Err(NsError::Fs(_)) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Sessions silent past their expiry at log time `now`, oldest first.
+fn expired_sessions<R: KvRead + ?Sized>(t: &Txn<'_, R>, now: i64, limit: usize) -> Result<Vec<u64>, KvError> {
+    let mut out = Vec::new();
+    for (k, _) in t.scan(keys::SESSION_EXPIRY, None, limit)? {
+        let (Some(at), Some(client)) = (keys::be_u64_at(&k, 1), keys::be_u64_at(&k, 9)) else {
+            return Err(KvError(format!("bad session expiry key {k:?}")));
+        };
+        if at as i64 >= now {
+            break;
+        }
+        out.push(client);
+    }
+    Ok(out)
+}
+
+/// How many sessions one `ExpireSessions` ends at most (the rest wait for
+/// the next one, a second later): keeps each command small.
+const EXPIRE_BATCH: usize = 1000;
+
 struct Ctx<'t, 'b, B: KvRead + ?Sized> {
     t: &'t mut Txn<'b, B>,
     now: i64,
+    /// The client that sent the command (0 for internal commands).
+    client: u64,
 }
 
 impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
@@ -495,7 +616,11 @@ fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<R
     if now > last {
         t.put(keys::LAST_NOW.to_vec(), encode(&(now as u64)));
     }
-    let mut c = Ctx { t, now };
+    let mut c = Ctx {
+        t,
+        now,
+        client: cmd.client_id,
+    };
     match &cmd.op {
         Op::InitCluster { cluster_id } => c.init_cluster(cluster_id),
         Op::CreateNamespace {
@@ -688,6 +813,22 @@ fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<R
                 // hold a map naming a block that was never committed.
                 let key = keys::garbage(0, b.block_id);
                 c.t.put(key, encode(&b.replicas));
+            }
+            Ok(Reply::Ok)
+        }
+        Op::KeepAlive { .. } => Ok(Reply::Ok),
+        Op::ExpireSessions => {
+            for client in expired_sessions(c.t, c.now, EXPIRE_BATCH)? {
+                end_session(c.t, client)?;
+            }
+            Ok(Reply::Ok)
+        }
+        Op::RecordMember { id } => {
+            let mut seen = seen_members(c.t)?;
+            if !seen.contains(id) {
+                seen.push(*id);
+                seen.sort_unstable();
+                c.t.put(keys::SEEN_MEMBERS.to_vec(), encode(&seen));
             }
             Ok(Reply::Ok)
         }
@@ -949,6 +1090,10 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
         if keep_if_open {
             self.put_inode(ns, ino, &inode);
             self.t.put(keys::orphan(ns, ino), encode(&self.now));
+            if self.client != 0 {
+                // Released by the client at last close, or with its session.
+                self.t.put(keys::orphan_owner(self.client, ns, ino), Vec::new());
+            }
             return Ok((true, Some(inode.attr(ino))));
         }
         self.destroy_inode(ns, ino, &inode)?;
@@ -1145,6 +1290,9 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
     }
 
     fn release_orphan(&mut self, ns: u32, ino: u64) -> NsResult<Reply> {
+        if self.client != 0 {
+            self.t.delete(keys::orphan_owner(self.client, ns, ino));
+        }
         if self.t.get(&keys::orphan(ns, ino))?.is_none() {
             return Ok(Reply::Ok);
         }
@@ -1700,6 +1848,7 @@ mod tests {
                 seq,
                 acked_below: 0,
                 now_ns: 1_000 + seq as i64,
+                session_ns: 0,
                 op,
             };
             let mut t = Txn::new(&self.kv);
@@ -1760,6 +1909,7 @@ mod tests {
             seq: 1,
             acked_below: 0,
             now_ns: 5,
+            session_ns: 0,
             op: Op::SetAttr {
                 ns,
                 ino: f,
@@ -1789,6 +1939,7 @@ mod tests {
             seq: 2,
             acked_below: 0,
             now_ns: 5,
+            session_ns: 0,
             op: Op::Mknod {
                 ns,
                 parent: ROOT_INO,
@@ -1923,6 +2074,7 @@ mod tests {
                 seq,
                 acked_below: seq,
                 now_ns: 1,
+                session_ns: 0,
                 op,
             };
             let mut t = Txn::new(&fs.kv);
@@ -2566,5 +2718,209 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn record_member_keeps_a_sorted_set() {
+        let mut fs = Fs::new();
+        assert!(seen_members(&fs.kv).unwrap().is_empty());
+        for id in [3, 1, 3, 2] {
+            fs.run(Op::RecordMember { id }).unwrap();
+        }
+        assert_eq!(
+            seen_members(&fs.kv).unwrap(),
+            vec![1, 2, 3],
+            "recorded once each, in order"
+        );
+    }
+
+    /// Applies `op` from `client` at log time `now`, as a client with
+    /// replies up to `acked_below` and a 10 s session timeout.
+    fn run_at(fs: &mut Fs, client: u64, seq: u64, acked_below: u64, now: i64, op: Op) -> ApplyResult {
+        let cmd = Command {
+            client_id: client,
+            seq,
+            acked_below,
+            now_ns: now,
+            session_ns: 10_000,
+            op,
+        };
+        let mut t = Txn::new(&fs.kv);
+        let r = apply_command(&mut t, &cmd).unwrap();
+        let w = t.into_writes();
+        fs.kv.apply(w);
+        r
+    }
+
+    fn expire(fs: &mut Fs, now: i64) {
+        let cmd = Command {
+            client_id: 0,
+            seq: 0,
+            acked_below: 0,
+            now_ns: now,
+            session_ns: 0,
+            op: Op::ExpireSessions,
+        };
+        let mut t = Txn::new(&fs.kv);
+        apply_command(&mut t, &cmd).unwrap().unwrap();
+        let w = t.into_writes();
+        fs.kv.apply(w);
+    }
+
+    fn replies_of(fs: &Fs, client: u64) -> usize {
+        fs.kv
+            .scan(&keys::session_reply(client, 0)[..9], None, usize::MAX)
+            .unwrap()
+            .len()
+    }
+
+    #[test]
+    fn a_session_opens_with_the_first_call_and_an_unknown_one_is_refused() {
+        let mut fs = Fs::new();
+        let ns = fs.ns;
+        let ka = Op::KeepAlive { close: false };
+        // A client that has had replies, but whose session metad does not
+        // know, must not have its calls applied (its retries could not be
+        // recognised).
+        assert_eq!(
+            run_at(&mut fs, 42, 5, 5, 2_000, ka.clone()),
+            Err(FsError::SessionExpired)
+        );
+        assert!(session(&fs.kv, 42).unwrap().is_none());
+        assert!(
+            run_at(&mut fs, 42, 1, 1, 2_000, ka.clone()).is_ok(),
+            "first call opens it"
+        );
+        let s = session(&fs.kv, 42).unwrap().expect("session");
+        assert_eq!(s.expires_ns, 12_000);
+        let mk = Op::Mknod {
+            ns,
+            parent: ROOT_INO,
+            name: b"a".to_vec(),
+            mode: S_IFDIR | 0o755,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            exclusive: true,
+        };
+        assert!(run_at(&mut fs, 42, 2, 2, 9_000, mk).is_ok());
+        assert_eq!(
+            session(&fs.kv, 42).unwrap().expect("session").expires_ns,
+            19_000,
+            "a call renews the session"
+        );
+        expire(&mut fs, 18_999);
+        assert!(session(&fs.kv, 42).unwrap().is_some(), "not expired before its time");
+        expire(&mut fs, 19_001);
+        assert!(session(&fs.kv, 42).unwrap().is_none(), "expired after");
+        assert_eq!(replies_of(&fs, 42), 0, "its reply table is gone");
+        assert!(!fs
+            .kv
+            .scan(keys::SESSION_EXPIRY, None, 10)
+            .unwrap()
+            .iter()
+            .any(|(k, _)| k.ends_with(&42u64.to_be_bytes())));
+        assert_eq!(
+            run_at(&mut fs, 42, 3, 3, 20_000, ka),
+            Err(FsError::SessionExpired),
+            "an expired client is told so"
+        );
+    }
+
+    #[test]
+    fn renewals_are_written_a_few_times_per_timeout_not_per_call() {
+        let mut fs = Fs::new();
+        let ka = Op::KeepAlive { close: false };
+        run_at(&mut fs, 9, 1, 1, 2_000, ka.clone()).unwrap();
+        run_at(&mut fs, 9, 2, 2, 3_000, ka.clone()).unwrap();
+        assert_eq!(
+            session(&fs.kv, 9).unwrap().unwrap().expires_ns,
+            12_000,
+            "moved by less than a quarter"
+        );
+        run_at(&mut fs, 9, 3, 3, 5_000, ka).unwrap();
+        assert_eq!(session(&fs.kv, 9).unwrap().unwrap().expires_ns, 15_000);
+        let entries = fs.kv.scan(keys::SESSION_EXPIRY, None, 10).unwrap();
+        assert_eq!(
+            entries.iter().filter(|(k, _)| k.ends_with(&9u64.to_be_bytes())).count(),
+            1,
+            "one index entry"
+        );
+    }
+
+    #[test]
+    fn an_ended_session_releases_the_files_it_kept_open() {
+        let mut fs = Fs::new();
+        let ns = fs.ns;
+        let mk = |name: &[u8]| Op::Mknod {
+            ns,
+            parent: ROOT_INO,
+            name: name.to_vec(),
+            mode: S_IFREG | 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            exclusive: true,
+        };
+        let unlink = |name: &[u8]| Op::Unlink {
+            ns,
+            parent: ROOT_INO,
+            name: name.to_vec(),
+            keep_if_open: true,
+        };
+        let ino_of = |r: ApplyResult| match r {
+            Ok(Reply::Attr(a)) => a.ino,
+            other => panic!("{other:?}"),
+        };
+        // Client 1 closes cleanly; client 2 crashes and expires.
+        let a = ino_of(run_at(&mut fs, 1, 1, 1, 1_000, mk(b"a")));
+        let b = ino_of(run_at(&mut fs, 2, 1, 1, 1_000, mk(b"b")));
+        assert!(matches!(
+            run_at(&mut fs, 1, 2, 2, 1_000, unlink(b"a")),
+            Ok(Reply::Unlinked { orphaned: true, .. })
+        ));
+        assert!(matches!(
+            run_at(&mut fs, 2, 2, 2, 1_000, unlink(b"b")),
+            Ok(Reply::Unlinked { orphaned: true, .. })
+        ));
+        run_at(&mut fs, 1, 3, 3, 2_000, Op::KeepAlive { close: true }).unwrap();
+        assert!(get_inode(&fs.kv, ns, a).is_err(), "closing the session released a");
+        assert!(session(&fs.kv, 1).unwrap().is_none());
+        assert_eq!(replies_of(&fs, 1), 0);
+        assert!(get_inode(&fs.kv, ns, b).is_ok(), "b is still open on client 2");
+        expire(&mut fs, 50_000);
+        assert!(get_inode(&fs.kv, ns, b).is_err(), "expiry released b");
+        assert!(fs.kv.scan(b"O", None, 10).unwrap().is_empty(), "no owner records left");
+    }
+
+    #[test]
+    fn a_day_long_client_and_a_hundred_thousand_short_ones_leave_bounded_tables() {
+        let mut fs = Fs::new();
+        let ka = Op::KeepAlive { close: false };
+        let second = 1_000_000_000i64;
+        let (mut now, mut long_seq) = (2 * second, 0u64);
+        for i in 0..100_000u64 {
+            now += second;
+            // The long-lived client: a call a second for 28 hours, each
+            // acknowledging the one before.
+            long_seq += 1;
+            run_at(&mut fs, 1, long_seq, long_seq, now, ka.clone()).unwrap();
+            // A short-lived client (a `jfs fs` run killed before it could
+            // close its session): two calls, then silence.
+            let short = 1_000 + i;
+            run_at(&mut fs, short, 1, 1, now, ka.clone()).unwrap();
+            run_at(&mut fs, short, 2, 2, now, ka.clone()).unwrap();
+            expire(&mut fs, now);
+        }
+        let sessions = fs.kv.scan(b"Y", None, usize::MAX).unwrap().len();
+        // Short sessions live 10 µs of log time here (run_at's timeout), so
+        // only the long one and the latest short one can remain.
+        assert!(sessions <= 3, "{sessions} sessions left");
+        assert!(
+            replies_of(&fs, 1) <= 1,
+            "the long client's replies are trimmed as it acknowledges them"
+        );
+        let replies = fs.kv.scan(b"S", None, usize::MAX).unwrap().len();
+        assert!(replies <= 4, "{replies} saved replies left");
     }
 }

@@ -163,17 +163,37 @@ pub struct RaftService {
     raft: Raft,
     started: Instant,
     vote_quiet_period: Duration,
+    contact: Arc<LeaderContact>,
+}
+
+/// When this node last got an AppendEntries (a leader's heartbeat or
+/// entries), for `jfs metastatus`'s "last contact".
+#[derive(Default)]
+pub struct LeaderContact(std::sync::Mutex<Option<Instant>>);
+
+impl LeaderContact {
+    fn touch(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    pub fn millis_since(&self) -> Option<u64> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.elapsed().as_millis() as u64)
+    }
 }
 
 impl RaftService {
     /// `vote_quiet_period`: how long after start-up this node refuses to
     /// vote, because it has forgotten when it last heard from a leader whose
     /// lease may still run (see `lease`).
-    pub fn new(raft: Raft, vote_quiet_period: Duration) -> Self {
+    pub fn new(raft: Raft, vote_quiet_period: Duration, contact: Arc<LeaderContact>) -> Self {
         RaftService {
             raft,
             started: Instant::now(),
             vote_quiet_period,
+            contact,
         }
     }
 }
@@ -192,6 +212,7 @@ fn encode<T: Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
 impl raft_server::Raft for RaftService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
+        self.contact.touch();
         encode(&self.raft.append_entries(rpc).await)
     }
 

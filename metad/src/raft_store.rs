@@ -304,6 +304,59 @@ impl KvRead for SmView {
 }
 
 impl SmView {
+    /// The id of the last entry in this node's log (or of the last purged
+    /// one when the log is empty after a snapshot).
+    pub fn last_log_id(&self) -> Result<Option<LogId>, StorageError> {
+        let mut it = self.db.iterator_cf(cf(&self.db, CF_LOG), IteratorMode::End);
+        if let Some(item) = it.next() {
+            let (_, v) = item.map_err(read_err)?;
+            return Ok(Some(de::<Entry>(&v)?.log_id));
+        }
+        match self.db.get_cf(cf(&self.db, CF_RAFT), KEY_PURGED).map_err(read_err)? {
+            Some(b) => de(&b),
+            None => Ok(None),
+        }
+    }
+
+    /// The commit index this node has recorded (openraft saves it with
+    /// `save_committed`); may trail the leader's by a heartbeat.
+    pub fn committed_index(&self) -> Result<u64, StorageError> {
+        let v = self.db.get_cf(cf(&self.db, CF_RAFT), KEY_COMMITTED).map_err(read_err)?;
+        let id: Option<LogId> = match v {
+            Some(b) => de(&b)?,
+            None => None,
+        };
+        Ok(id.map_or(0, |l| l.index))
+    }
+
+    /// A digest of the whole state machine and the applied index it is of,
+    /// from one RocksDB snapshot. Replicas at the same index must agree; it
+    /// reads everything, so it is for operators, not for routine polling.
+    pub fn digest(&self) -> Result<(u64, String), StorageError> {
+        let snap = self.db.snapshot();
+        let applied: Option<LogId> = match snap.get_cf(cf(&self.db, CF_SM_META), KEY_APPLIED).map_err(read_err)? {
+            Some(b) => de(&b)?,
+            None => None,
+        };
+        let (mut keys_crc, mut all_crc, mut n) = (0u32, 0u32, 0u64);
+        for item in snap.iterator_cf(cf(&self.db, CF_SM), IteratorMode::Start) {
+            let (k, v) = item.map_err(read_err)?;
+            // Lengths go in too, so that moving a byte from a key to its
+            // value changes the digest.
+            keys_crc = crc32c::crc32c_append(keys_crc, &(k.len() as u64).to_be_bytes());
+            keys_crc = crc32c::crc32c_append(keys_crc, &k);
+            all_crc = crc32c::crc32c_append(all_crc, &(k.len() as u64).to_be_bytes());
+            all_crc = crc32c::crc32c_append(all_crc, &k);
+            all_crc = crc32c::crc32c_append(all_crc, &(v.len() as u64).to_be_bytes());
+            all_crc = crc32c::crc32c_append(all_crc, &v);
+            n += 1;
+        }
+        Ok((
+            applied.map_or(0, |l| l.index),
+            format!("{keys_crc:08x}{all_crc:08x}-{n}"),
+        ))
+    }
+
     /// A consistent view at this instant, for reads that look at several
     /// keys (a chunk and the blocks it refers to) while commits go on.
     pub fn snapshot(&self) -> SmSnapshot<'_> {

@@ -52,7 +52,17 @@ pub struct Command {
     pub acked_below: u64,
     /// Leader wall clock, nanoseconds since the epoch.
     pub now_ns: i64,
+    /// The client's session timeout in nanoseconds (0 for internal commands).
+    pub session_ns: i64,
     pub op: Op,
+}
+
+/// A client's session: it lives while the client is heard from at least
+/// once per `timeout_ns` of log time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRec {
+    pub expires_ns: i64,
+    pub timeout_ns: i64,
 }
 
 /// A time the caller wants set on an inode.
@@ -270,6 +280,19 @@ pub enum Op {
     SetOrphanFloor {
         floor: u64,
     },
+    /// Metad node `id` has acknowledged log entries: from now on it may have
+    /// voted and holds acknowledged writes, so it must never rejoin with an
+    /// empty data directory under this id (it is replaced under a new id).
+    RecordMember {
+        id: u64,
+    },
+    /// The calling client is alive (renews its session); `close` ends it.
+    KeepAlive {
+        close: bool,
+    },
+    /// Ends every session whose expiry (log time) has passed, releasing its
+    /// reply table, orphans and locks. Proposed by the leader.
+    ExpireSessions,
 }
 
 impl Op {
@@ -300,7 +323,10 @@ impl Op {
             | DropReplicas { .. }
             | SetReplication { .. }
             | AbandonBlocks { .. }
-            | SetOrphanFloor { .. } => None,
+            | SetOrphanFloor { .. }
+            | RecordMember { .. }
+            | KeepAlive { .. }
+            | ExpireSessions => None,
         }
     }
 }

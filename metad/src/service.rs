@@ -36,6 +36,9 @@ pub struct MetaService {
     pub cfg: Arc<Config>,
     pub blockds: Arc<BlockdRegistry>,
     pub healer: Arc<crate::healer::Healer>,
+    pub membership: Arc<crate::membership::Membership>,
+    /// When this node last heard from a leader (kept by the Raft service).
+    pub leader_contact: Arc<crate::raft_network::LeaderContact>,
 }
 
 type Rpc<T> = Result<Response<T>, Status>;
@@ -67,7 +70,8 @@ fn warn_under_replicated(ns: &str, want: u32, got: usize) {
     }
 }
 
-fn now_ns() -> i64 {
+/// The leader's wall clock, as commands carry it (apply keeps it monotonic).
+pub fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -175,6 +179,7 @@ impl MetaService {
     /// Confirms leadership with a quorum and waits until everything
     /// committed before this moment is applied locally.
     async fn linearizable(&self) -> Result<(), Status> {
+        self.membership.check_serving()?;
         if self.lease_read_ok() {
             return Ok(());
         }
@@ -189,12 +194,17 @@ impl MetaService {
     }
 
     async fn propose(&self, h: &Option<rpc::ReqHeader>, op: Op) -> Result<Reply, Status> {
+        self.membership.check_serving()?;
         let (client_id, seq, acked_below) = hdr(h);
+        let session_ns = h.as_ref().map_or(0, |h| {
+            (h.session_timeout_ms.min(i64::MAX as u64 / 1_000_000) * 1_000_000) as i64
+        });
         let cmd = Command {
             client_id,
             seq,
             acked_below,
             now_ns: now_ns(),
+            session_ns,
             op,
         };
         match self.raft.client_write(cmd).await {
@@ -282,6 +292,42 @@ impl MetaService {
         let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
         self.lease
             .valid(self.node_id, m.current_term, &voters, self.lease_duration)
+    }
+
+    /// Records that a blockd is alive without taking its reports or handing
+    /// it commands. Every node keeps this view, so a newly elected leader
+    /// can place blocks before the first heartbeat of its term arrives. A
+    /// follower answers "not leader" so the blockd keeps looking for one.
+    fn note_alive(&self, r: &rpc::HeartbeatRequest) -> Rpc<rpc::HeartbeatReply> {
+        let cluster_id = namespace::cluster_id(&self.view).map_err(storage)?;
+        let same_cluster = r.cluster_id.is_empty() || cluster_id.as_deref().is_none_or(|c| c == r.cluster_id);
+        if same_cluster {
+            let draining = self
+                .blockd_recs()?
+                .into_iter()
+                .any(|(id, rec)| id == r.blockd_id && rec.state == BlockdState::Decommissioning);
+            if !self.blockds.is_live(&r.blockd_id) {
+                self.healer.returned(&r.blockd_id);
+            }
+            self.blockds.heartbeat(BlockdInfo {
+                id: r.blockd_id.clone(),
+                address: r.address.clone(),
+                capacity: r.capacity_bytes,
+                free: r.free_bytes,
+                filesystem: r.filesystem.clone(),
+                block_count: r.block_count,
+                draining,
+                last_seen: std::time::Instant::now(),
+            });
+        }
+        if !self.is_leader() {
+            return Err(not_leader(self.leader_node().as_ref()));
+        }
+        Ok(Response::new(rpc::HeartbeatReply {
+            cluster_id: cluster_id.unwrap_or_default(),
+            term: self.raft.metrics().borrow().current_term,
+            ..Default::default()
+        }))
     }
 
     fn is_leader(&self) -> bool {
@@ -702,11 +748,11 @@ impl Meta for MetaService {
 
     async fn heartbeat(&self, req: Request<rpc::HeartbeatRequest>) -> Rpc<rpc::HeartbeatReply> {
         let r = req.into_inner();
-        if !self.is_leader() {
-            return Err(not_leader(self.leader_node().as_ref()));
-        }
         if r.blockd_id.is_empty() || r.address.is_empty() {
             return Err(FsError::InvalidArgument("heartbeat without blockd id or address".into()).into());
+        }
+        if r.liveness_only || !self.is_leader() {
+            return self.note_alive(&r);
         }
         self.linearizable().await?;
         let cluster_id = namespace::cluster_id(&self.view)
@@ -720,8 +766,7 @@ impl Meta for MetaService {
             .into());
         }
         let term = self.raft.metrics().borrow().current_term;
-        // Starts the healer's state afresh in a new term, before this
-        // heartbeat lands in the registry it clears.
+        // Starts the healer's state afresh in a new term.
         self.healer.warm(term);
         let known = self
             .blockd_recs()?
@@ -903,7 +948,7 @@ impl Meta for MetaService {
         }
     }
 
-    async fn status(&self, _req: Request<rpc::StatusRequest>) -> Rpc<rpc::NodeStatus> {
+    async fn status(&self, req: Request<rpc::StatusRequest>) -> Rpc<rpc::NodeStatus> {
         let m = self.raft.metrics().borrow().clone();
         let role = match m.state {
             ServerState::Leader => "leader",
@@ -918,6 +963,19 @@ impl Meta for MetaService {
         let voters: Vec<u64> = membership.voter_ids().collect();
         let learners: Vec<u64> = membership.learner_ids().collect();
         let cluster_id = namespace::cluster_id(&self.view).ok().flatten().unwrap_or_default();
+        let last_log = self.view.last_log_id().map_err(|e| FsError::Internal(e.to_string()))?;
+        let (digest_index, digest, sessions, saved_replies) = if req.get_ref().digest {
+            let view = self.view.clone();
+            tokio::task::spawn_blocking(move || {
+                let (index, digest) = view.digest().map_err(|e| FsError::Internal(e.to_string()))?;
+                let (sessions, replies) = namespace::session_counts(&view).map_err(|e| FsError::Internal(e.0))?;
+                Ok::<_, FsError>((index, digest, sessions, replies))
+            })
+            .await
+            .map_err(|e| FsError::Internal(format!("digest task failed: {e}")))??
+        } else {
+            (0, String::new(), 0, 0)
+        };
         Ok(Response::new(rpc::NodeStatus {
             node_id: self.node_id,
             rpc_address: if me.rpc_addr.is_empty() {
@@ -931,19 +989,74 @@ impl Meta for MetaService {
             raft_address: me.raft_addr,
             role: role.into(),
             term: m.current_term,
-            commit_index: m.last_applied.map_or(0, |l| l.index),
+            commit_index: self
+                .view
+                .committed_index()
+                .map_err(|e| FsError::Internal(e.to_string()))?,
             applied_index: m.last_applied.map_or(0, |l| l.index),
             leader_id: m.current_leader.unwrap_or(0),
             leader_address: leader.map(|n| n.rpc_addr).unwrap_or_default(),
             cluster_id,
             voters,
             learners,
-            last_log_index: m.last_log_index.unwrap_or(0),
+            last_log_index: last_log.map_or(0, |l| l.index),
             live_blockds: if role == "leader" {
                 self.blockds.live().len() as u32
             } else {
                 0
             },
+            members: membership.nodes().map(|(_, n)| n.rpc_addr.clone()).collect(),
+            seen_members: namespace::seen_members(&self.view).map_err(storage)?,
+            last_contact_ms: if role == "leader" {
+                m.millis_since_quorum_ack.unwrap_or(0)
+            } else {
+                self.leader_contact.millis_since().unwrap_or(0)
+            },
+            digest,
+            digest_index,
+            last_log_term: last_log.map_or(0, |l| l.leader_id.term),
+            sessions,
+            saved_replies,
         }))
+    }
+
+    async fn keep_alive(&self, req: Request<rpc::KeepAliveRequest>) -> Rpc<rpc::KeepAliveReply> {
+        let r = req.into_inner();
+        if r.hdr.as_ref().is_none_or(|h| h.client_id == 0) {
+            return Err(FsError::InvalidArgument("KeepAlive without a client id".into()).into());
+        }
+        self.propose(&r.hdr, Op::KeepAlive { close: r.close }).await?;
+        Ok(Response::new(rpc::KeepAliveReply {}))
+    }
+
+    async fn add_member(&self, req: Request<rpc::AddMemberRequest>) -> Rpc<rpc::MembershipReply> {
+        let r = req.into_inner();
+        if !self.is_leader() {
+            return Err(not_leader(self.leader_node().as_ref()));
+        }
+        let node = MetaNode {
+            raft_addr: r.raft_address,
+            rpc_addr: r.rpc_address,
+        };
+        Ok(Response::new(self.membership.add(r.node_id, node).await?))
+    }
+
+    async fn remove_member(&self, req: Request<rpc::RemoveMemberRequest>) -> Rpc<rpc::MembershipReply> {
+        let r = req.into_inner();
+        if !self.is_leader() {
+            return Err(not_leader(self.leader_node().as_ref()));
+        }
+        Ok(Response::new(self.membership.remove(r.node_id).await?))
+    }
+
+    async fn transfer_leader(&self, req: Request<rpc::TransferLeaderRequest>) -> Rpc<rpc::TransferLeaderReply> {
+        let r = req.into_inner();
+        Ok(Response::new(self.membership.transfer(r.to).await?))
+    }
+
+    async fn campaign(&self, req: Request<rpc::CampaignRequest>) -> Rpc<rpc::CampaignReply> {
+        let r = req.into_inner();
+        self.membership.campaign(r.from_leader, r.term).await?;
+        Ok(Response::new(rpc::CampaignReply {}))
     }
 }

@@ -637,13 +637,17 @@ impl Cluster {
     /// [`Cluster::mount_second`] with extra environment variables for the
     /// jfs-mountd process (e.g. its fault-injection knobs).
     pub fn mount_second_with_env(&self, opts: &str, env: &[(&str, &str)]) -> Mount {
+        self.mount_second_full(&self.conf(), opts, env)
+    }
+
+    fn mount_second_full(&self, conf: &Path, opts: &str, env: &[(&str, &str)]) -> Mount {
         let n = self.extra.fetch_add(1, Ordering::Relaxed) + 2;
         let path = self.root.join(format!("mnt{n}"));
         fs::create_dir_all(&path).expect("create second mount point");
         let log_path = self.root.join(format!("mountd-mnt{n}.log"));
         let log = File::create(&log_path).expect("create mountd log");
         let mut cmd = Command::new(bin("jfs-mountd"));
-        cmd.arg("--conf").arg(self.conf());
+        cmd.arg("--conf").arg(conf);
         if !opts.is_empty() {
             cmd.arg("-o").arg(opts);
         }
@@ -694,16 +698,20 @@ impl Cluster {
     }
 }
 
-/// A blockd beyond the cluster's three, started and owned by a test (killed
-/// on drop). Data in STATE/blockd<n>, log in STATE/logs/blockd<n>.log.
-pub struct ExtraBlockd {
+/// A daemon beyond the cluster's three metads and three blockds, started
+/// and owned by a test (killed on drop). Data in STATE/<name>, log in
+/// STATE/logs/<name>.log.
+pub struct ExtraDaemon {
     pub name: String,
     pub data_dir: PathBuf,
     pub addr: String,
     child: Option<Child>,
 }
 
-impl ExtraBlockd {
+/// A blockd started by `Cluster::start_extra_blockd`.
+pub type ExtraBlockd = ExtraDaemon;
+
+impl ExtraDaemon {
     pub fn pid(&self) -> Option<i32> {
         self.child.as_ref().map(|c| c.id() as i32)
     }
@@ -717,7 +725,7 @@ impl ExtraBlockd {
     }
 }
 
-impl Drop for ExtraBlockd {
+impl Drop for ExtraDaemon {
     fn drop(&mut self) {
         self.kill9();
     }
@@ -787,6 +795,47 @@ impl Cluster {
             name,
             data_dir,
             addr,
+            child: Some(child),
+        }
+    }
+
+    /// Client and Raft addresses metad number `n` (4, 5, ...) gets on this
+    /// cluster's address, following the local cluster's port pattern.
+    pub fn metad_addrs(&self, n: u32) -> (String, String) {
+        (
+            format!("{}:{}", self.ip, 8101 + 10 * (n - 1)),
+            format!("{}:{}", self.ip, 8103 + 10 * (n - 1)),
+        )
+    }
+
+    /// Starts metad number `n` (4, 5, ...) with an empty data directory and
+    /// `--join join` (a member's client address).
+    pub fn start_extra_metad(&self, n: u32, join: &str) -> ExtraDaemon {
+        let name = format!("metad{n}");
+        let data_dir = self.state.join(&name);
+        fs::create_dir_all(&data_dir).expect("create extra metad dir");
+        let (rpc, raft) = self.metad_addrs(n);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state.join("logs").join(format!("{name}.log")))
+            .expect("open extra metad log");
+        let child = Command::new(bin("jfs-metad"))
+            .arg("--conf")
+            .arg(self.conf())
+            .args(["--node-id", &n.to_string()])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--rpc-address", &rpc, "--raft-address", &raft, "--join", join])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn jfs-metad");
+        ExtraDaemon {
+            name,
+            data_dir,
+            addr: rpc,
             child: Some(child),
         }
     }
@@ -1584,5 +1633,13 @@ pub fn env_count(var: &str, default: u64) -> u64 {
             .parse()
             .unwrap_or_else(|_| panic!("{var}={v:?} is not a decimal number")),
         Err(_) => default,
+    }
+}
+
+impl Cluster {
+    /// [`Cluster::mount_second`] with another config file (e.g. a shorter
+    /// `client.timeout-ms`).
+    pub fn mount_second_with_conf(&self, conf: &Path, opts: &str) -> Mount {
+        self.mount_second_full(conf, opts, &[])
     }
 }

@@ -950,6 +950,50 @@ impl Client {
 
     /// Frees every unlinked file kept only for references (at unmount, when
     /// the kernel forgets everything at once without telling us).
+    /// Takes, changes or releases (`typ`: 0 read, 1 write, 2 unlock) the
+    /// byte-range lock of `owner` over [start, end] (inclusive). Locks are
+    /// held by this client's session: they go with it if the process dies.
+    /// Fails with `WouldBlock` when another owner holds a conflicting lock.
+    pub async fn set_lock(&self, ino: u64, owner: u64, pid: u32, typ: u32, start: u64, end: u64) -> FsResult<()> {
+        let ns = self.ns_id();
+        self.meta()
+            .call_mut(|mut c, hdr| {
+                let req = rpc::SetLockRequest {
+                    hdr: Some(hdr),
+                    ns,
+                    ino,
+                    owner,
+                    pid,
+                    typ,
+                    start,
+                    end,
+                };
+                async move { c.set_lock(req).await }
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// The first lock of another owner that conflicts with the described
+    /// one (F_GETLK), if any.
+    pub async fn get_lock(&self, ino: u64, owner: u64, typ: u32, start: u64, end: u64) -> FsResult<rpc::GetLockReply> {
+        let req = rpc::GetLockRequest {
+            ns: self.ns_id(),
+            ino,
+            client_id: self.meta().client_id(),
+            owner,
+            typ,
+            start,
+            end,
+        };
+        self.meta()
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.get_lock(req).await }
+            })
+            .await
+    }
+
     pub async fn release_orphans(&self) {
         let orphans: Vec<u64> = {
             let open = lock(&self.inner.open);

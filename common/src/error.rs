@@ -62,6 +62,8 @@ pub enum FsError {
          had in flight may or may not have taken effect, and its locks and open-unlinked files were released"
     )]
     SessionExpired,
+    #[error("a conflicting lock is held")]
+    WouldBlock,
     #[error("namespace {0:?} does not exist; create it with `jfs admin create-namespace {0}`")]
     NamespaceNotFound(String),
     #[error("{}", RECOVERY_READ_ONLY_MSG)]
@@ -99,6 +101,7 @@ impl FsError {
             Unavailable(_) => (25018, libc::EIO, Code::Unavailable),
             StaleRequest => (25019, libc::EIO, Code::FailedPrecondition),
             SessionExpired => (25024, libc::EIO, Code::FailedPrecondition),
+            WouldBlock => (25025, libc::EAGAIN, Code::FailedPrecondition),
             NamespaceNotFound(_) => (25020, libc::ENOENT, Code::NotFound),
             RecoveryReadOnly => (RECOVERY_READ_ONLY_CODE, libc::EROFS, Code::FailedPrecondition),
             ClusterMismatch(_) => (25022, libc::EIO, Code::FailedPrecondition),
@@ -150,6 +153,7 @@ impl FsError {
             25018 => Unavailable(m),
             25019 => StaleRequest,
             25024 => SessionExpired,
+            25025 => WouldBlock,
             25020 => NamespaceNotFound(m),
             RECOVERY_READ_ONLY_CODE => RecoveryReadOnly,
             25022 => ClusterMismatch(m),
@@ -247,6 +251,7 @@ mod tests {
             Unavailable("no quorum".into()),
             StaleRequest,
             SessionExpired,
+            WouldBlock,
             NamespaceNotFound("default".into()),
             RecoveryReadOnly,
             ClusterMismatch("a != b".into()),

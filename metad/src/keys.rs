@@ -13,6 +13,8 @@
 //! | `Y` client                  | client session: expiry, timeout |
 //! | `Z` expiry client           | sessions by expiry (for reaping) |
 //! | `O` client ns ino           | orphan kept open by this client |
+//! | `Q` client ns ino           | this client holds locks on ino |
+//! | `F` ns `k` ino              | byte-range locks on ino        |
 //! | `G` since block id          | block waiting for deletion     |
 //! | `K` block id                | block: ns, length, replicas, refs |
 //! | `B` blockd id               | blockd: address, state         |
@@ -80,6 +82,14 @@ pub fn orphan_owner_prefix(client: u64) -> Vec<u8> {
     cat(&[b"O", &client.to_be_bytes()])
 }
 
+pub fn lock_holder(client: u64, ns: u32, ino: u64) -> Vec<u8> {
+    cat(&[b"Q", &client.to_be_bytes(), &ns.to_be_bytes(), &ino.to_be_bytes()])
+}
+
+pub fn lock_holder_prefix(client: u64) -> Vec<u8> {
+    cat(&[b"Q", &client.to_be_bytes()])
+}
+
 pub fn session_low(client: u64) -> Vec<u8> {
     cat(&[b"L", &client.to_be_bytes()])
 }
@@ -135,6 +145,10 @@ pub fn xattr_prefix(ns: u32, ino: u64) -> Vec<u8> {
 
 pub fn orphan(ns: u32, ino: u64) -> Vec<u8> {
     ns_key(ns, b'o', &[&ino.to_be_bytes()])
+}
+
+pub fn locks(ns: u32, ino: u64) -> Vec<u8> {
+    ns_key(ns, b'k', &[&ino.to_be_bytes()])
 }
 
 pub fn ns_meta(ns: u32, name: &str) -> Vec<u8> {

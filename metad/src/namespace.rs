@@ -22,8 +22,8 @@ use std::collections::BTreeMap;
 use jfs_common::slices::{self, Slice};
 
 use crate::raft_types::{
-    ApplyResult, AttrRec, BlockInfo, BlockdRec, BlockdState, ChunkRec, Command, NamespaceRec, NewBlock, Op, Reply,
-    SessionRec, TimeSet,
+    ApplyResult, AttrRec, BlockInfo, BlockdRec, BlockdState, ChunkRec, Command, LockRec, NamespaceRec, NewBlock, Op,
+    Reply, SessionRec, TimeSet, LOCK_UNLOCK, LOCK_WRITE,
 };
 
 pub const ROOT_INO: u64 = 1;
@@ -543,6 +543,18 @@ fn end_session<R: KvRead + ?Sized>(t: &mut Txn<'_, R>, client: u64) -> Result<()
     for (k, _) in t.scan(&replies, None, usize::MAX)? {
         t.delete(k);
     }
+    for (k, _) in t.scan(&keys::lock_holder_prefix(client), None, usize::MAX)? {
+        t.delete(k.clone());
+        let (Some(ns), Some(ino)) = (
+            k.get(9..13).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes),
+            keys::be_u64_at(&k, 13),
+        ) else {
+            return Err(KvError(format!("bad lock holder key {k:?}")));
+        };
+        let mut held = locks_of(t, ns, ino)?;
+        held.retain(|l| l.client != client);
+        put_locks(t, ns, ino, &held);
+    }
     let owned = keys::orphan_owner_prefix(client);
     let now = txn_u64(t, keys::LAST_NOW)?.min(i64::MAX as u64) as i64;
     for (k, _) in t.scan(&owned, None, usize::MAX)? {
@@ -562,6 +574,32 @@ fn end_session<R: KvRead + ?Sized>(t: &mut Txn<'_, R>, client: u64) -> Result<()
         }
     }
     Ok(())
+}
+
+/// The byte-range locks held on an inode.
+pub fn locks_of<R: KvRead + ?Sized>(kv: &R, ns: u32, ino: u64) -> Result<Vec<LockRec>, KvError> {
+    Ok(kv
+        .get(&keys::locks(ns, ino))?
+        .map(|v| decode("locks", &v))
+        .transpose()?
+        .unwrap_or_default())
+}
+
+fn put_locks<R: KvRead + ?Sized>(t: &mut Txn<'_, R>, ns: u32, ino: u64, locks: &[LockRec]) {
+    if locks.is_empty() {
+        t.delete(keys::locks(ns, ino));
+    } else {
+        t.put(keys::locks(ns, ino), encode(&locks));
+    }
+}
+
+/// The first lock held by someone other than (client, owner) that conflicts
+/// with a `write` (or read) lock over [start, end].
+pub fn lock_conflict(locks: &[LockRec], client: u64, owner: u64, write: bool, start: u64, end: u64) -> Option<LockRec> {
+    locks
+        .iter()
+        .find(|l| (l.client, l.owner) != (client, owner) && l.start <= end && start <= l.end && (l.write || write))
+        .copied()
 }
 
 /// Sessions silent past their expiry at log time `now`, oldest first.
@@ -817,6 +855,15 @@ fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<R
             Ok(Reply::Ok)
         }
         Op::KeepAlive { .. } => Ok(Reply::Ok),
+        Op::SetLock {
+            ns,
+            ino,
+            owner,
+            pid,
+            typ,
+            start,
+            end,
+        } => c.set_lock(*ns, *ino, *owner, *pid, *typ, *start, *end),
         Op::ExpireSessions => {
             for client in expired_sessions(c.t, c.now, EXPIRE_BATCH)? {
                 end_session(c.t, client)?;
@@ -1108,6 +1155,10 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
         }
         self.t.delete(keys::inode(ns, ino));
         self.t.delete(keys::orphan(ns, ino));
+        for l in locks_of(&*self.t, ns, ino)? {
+            self.t.delete(keys::lock_holder(l.client, ns, ino));
+        }
+        self.t.delete(keys::locks(ns, ino));
         txn_add(self.t, keys::ns_meta(ns, "inodes"), -1)?;
         if inode.is_reg() {
             txn_add(self.t, keys::ns_meta(ns, "bytes"), -(inode.size as i64))?;
@@ -1287,6 +1338,55 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
             self.touch_dir(ns, parent, delta)?;
         }
         Ok(Reply::Renamed { replaced_ino, orphaned })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn set_lock(&mut self, ns: u32, ino: u64, owner: u64, pid: u32, typ: u32, start: u64, end: u64) -> NsResult<Reply> {
+        if start > end || typ > LOCK_UNLOCK {
+            return Err(FsError::InvalidArgument(format!("lock type {typ} over {start}..={end}")).into());
+        }
+        if self.client == 0 {
+            return Err(FsError::InvalidArgument("a lock needs a client session".into()).into());
+        }
+        self.inode(ns, ino)?;
+        let client = self.client;
+        let held = locks_of(&*self.t, ns, ino)?;
+        let write = typ == LOCK_WRITE;
+        if typ != LOCK_UNLOCK && lock_conflict(&held, client, owner, write, start, end).is_some() {
+            return Err(FsError::WouldBlock.into());
+        }
+        // The owner's locks over [start, end] give way to the new one: cut
+        // them back to what lies outside the range.
+        let mut out = Vec::with_capacity(held.len() + 2);
+        for l in held {
+            if (l.client, l.owner) != (client, owner) || l.end < start || l.start > end {
+                out.push(l);
+                continue;
+            }
+            if l.start < start {
+                out.push(LockRec { end: start - 1, ..l });
+            }
+            if l.end > end {
+                out.push(LockRec { start: end + 1, ..l });
+            }
+        }
+        if typ != LOCK_UNLOCK {
+            out.push(LockRec {
+                client,
+                owner,
+                pid,
+                write,
+                start,
+                end,
+            });
+        }
+        if out.iter().any(|l| l.client == client) {
+            self.t.put(keys::lock_holder(client, ns, ino), Vec::new());
+        } else {
+            self.t.delete(keys::lock_holder(client, ns, ino));
+        }
+        put_locks(self.t, ns, ino, &out);
+        Ok(Reply::Ok)
     }
 
     fn release_orphan(&mut self, ns: u32, ino: u64) -> NsResult<Reply> {
@@ -2922,5 +3022,52 @@ mod tests {
         );
         let replies = fs.kv.scan(b"S", None, usize::MAX).unwrap().len();
         assert!(replies <= 4, "{replies} saved replies left");
+    }
+
+    #[test]
+    fn byte_range_locks_conflict_split_and_go_with_their_session() {
+        let mut fs = Fs::new();
+        let ns = fs.ns;
+        let f = fs.ino(ROOT_INO, "f", S_IFREG | 0o644);
+        let lk = |owner: u64, typ: u32, start: u64, end: u64| Op::SetLock {
+            ns,
+            ino: f,
+            owner,
+            pid: 1,
+            typ,
+            start,
+            end,
+        };
+        // Client 1 owner 10 write-locks 0..=99; client 2 cannot overlap it.
+        run_at(&mut fs, 1, 1, 1, 2_000, lk(10, LOCK_WRITE, 0, 99)).unwrap();
+        assert_eq!(
+            run_at(&mut fs, 2, 1, 1, 2_000, lk(20, 0, 50, 60)),
+            Err(FsError::WouldBlock)
+        );
+        // Another owner on the same client conflicts too (another process).
+        assert_eq!(
+            run_at(&mut fs, 1, 2, 2, 2_000, lk(11, 0, 99, 99)),
+            Err(FsError::WouldBlock)
+        );
+        run_at(&mut fs, 2, 2, 2, 2_000, lk(20, LOCK_WRITE, 100, 199)).unwrap();
+        // Unlocking the middle splits the owner's lock in two.
+        run_at(&mut fs, 1, 3, 3, 2_000, lk(10, LOCK_UNLOCK, 40, 59)).unwrap();
+        let held = locks_of(&fs.kv, ns, f).unwrap();
+        let mine: Vec<(u64, u64)> = held
+            .iter()
+            .filter(|l| l.client == 1)
+            .map(|l| (l.start, l.end))
+            .collect();
+        assert_eq!(mine, vec![(0, 39), (60, 99)]);
+        assert!(lock_conflict(&held, 2, 20, true, 40, 59).is_none(), "the hole is free");
+        // Read locks share.
+        run_at(&mut fs, 1, 4, 4, 2_000, lk(10, 0, 300, 400)).unwrap();
+        run_at(&mut fs, 2, 3, 3, 2_000, lk(20, 0, 350, 450)).unwrap();
+        // Client 1's session ends: its locks go, client 2's stay.
+        run_at(&mut fs, 1, 5, 5, 2_000, Op::KeepAlive { close: true }).unwrap();
+        let held = locks_of(&fs.kv, ns, f).unwrap();
+        assert!(held.iter().all(|l| l.client == 2), "{held:?}");
+        assert_eq!(held.len(), 2);
+        assert!(fs.kv.scan(&keys::lock_holder_prefix(1), None, 10).unwrap().is_empty());
     }
 }

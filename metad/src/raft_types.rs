@@ -57,6 +57,23 @@ pub struct Command {
     pub op: Op,
 }
 
+/// One byte-range lock, as the lock table of an inode keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockRec {
+    /// Session (client id) and the kernel's lock owner on that client.
+    pub client: u64,
+    pub owner: u64,
+    pub pid: u32,
+    pub write: bool,
+    /// Inclusive range.
+    pub start: u64,
+    pub end: u64,
+}
+
+pub const LOCK_READ: u32 = 0;
+pub const LOCK_WRITE: u32 = 1;
+pub const LOCK_UNLOCK: u32 = 2;
+
 /// A client's session: it lives while the client is heard from at least
 /// once per `timeout_ns` of log time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -293,6 +310,18 @@ pub enum Op {
     /// Ends every session whose expiry (log time) has passed, releasing its
     /// reply table, orphans and locks. Proposed by the leader.
     ExpireSessions,
+    /// Takes, changes or releases the calling client's lock `owner` over
+    /// [start, end] (POSIX semantics: the new lock replaces what the owner
+    /// held there). Fails with `WouldBlock` on a conflict.
+    SetLock {
+        ns: u32,
+        ino: u64,
+        owner: u64,
+        pid: u32,
+        typ: u32,
+        start: u64,
+        end: u64,
+    },
 }
 
 impl Op {
@@ -313,6 +342,9 @@ impl Op {
             | CommitSlices { ns, .. }
             | CompactChunk { ns, .. }
             | Fallocate { ns, .. } => Some(*ns),
+            // Locks change no data: allowed in recovery mode and on `ro`
+            // namespaces, as reads are.
+            SetLock { .. } => None,
             InitCluster { .. }
             | CreateNamespace { .. }
             | AllocateBlocks { .. }

@@ -1020,6 +1020,44 @@ impl Meta for MetaService {
         }))
     }
 
+    async fn set_lock(&self, req: Request<rpc::SetLockRequest>) -> Rpc<rpc::SetLockReply> {
+        let r = req.into_inner();
+        let op = Op::SetLock {
+            ns: r.ns,
+            ino: r.ino,
+            owner: r.owner,
+            pid: r.pid,
+            typ: r.typ,
+            start: r.start,
+            end: r.end,
+        };
+        self.propose(&r.hdr, op).await?;
+        Ok(Response::new(rpc::SetLockReply {}))
+    }
+
+    async fn get_lock(&self, req: Request<rpc::GetLockRequest>) -> Rpc<rpc::GetLockReply> {
+        let r = req.into_inner();
+        self.linearizable().await?;
+        let held = namespace::locks_of(&self.view, r.ns, r.ino).map_err(storage)?;
+        let write = r.typ == crate::raft_types::LOCK_WRITE;
+        Ok(Response::new(
+            match namespace::lock_conflict(&held, r.client_id, r.owner, write, r.start, r.end) {
+                Some(l) => rpc::GetLockReply {
+                    conflict: true,
+                    typ: if l.write {
+                        crate::raft_types::LOCK_WRITE
+                    } else {
+                        crate::raft_types::LOCK_READ
+                    },
+                    start: l.start,
+                    end: l.end,
+                    pid: l.pid,
+                },
+                None => rpc::GetLockReply::default(),
+            },
+        ))
+    }
+
     async fn keep_alive(&self, req: Request<rpc::KeepAliveRequest>) -> Rpc<rpc::KeepAliveReply> {
         let r = req.into_inner();
         if r.hdr.as_ref().is_none_or(|h| h.client_id == 0) {

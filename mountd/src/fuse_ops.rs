@@ -24,8 +24,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle as Fh, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 use jfs_client::{Attr, Client, DirEntry, FileHandle, FsError, SetAttrArgs, TimeArg, Timespec, NAME_MAX};
 use jfs_common::rpc::{S_IFDIR, S_IFLNK, S_IFMT, S_IFREG};
@@ -62,6 +62,9 @@ pub struct JfsFs {
     /// kernel asks for it before every write (to drop file capabilities);
     /// without this cache each write would wait for a metad round trip.
     no_caps: Mutex<HashMap<u64, Instant>>,
+    /// (inode, lock owner) pairs that may hold a lock through this mount:
+    /// their close releases them at metad. Files never locked cost nothing.
+    locked: Mutex<std::collections::HashSet<(u64, u64)>>,
 }
 
 /// What identifies the committed content of a file: every data change
@@ -84,6 +87,16 @@ const CAPS_XATTR: &[u8] = b"security.capability";
 const NO_CAPS_MAX: usize = 100_000;
 
 type R<T> = Result<T, Errno>;
+
+/// F_RDLCK / F_WRLCK / F_UNLCK to the lock types of the RPC (0, 1, 2).
+fn lock_type(typ: i32) -> Option<u32> {
+    match typ {
+        libc::F_RDLCK => Some(0),
+        libc::F_WRLCK => Some(1),
+        libc::F_UNLCK => Some(2),
+        _ => None,
+    }
+}
 
 fn errno(e: FsError) -> Errno {
     Errno::from_i32(e.errno())
@@ -164,6 +177,7 @@ impl JfsFs {
             notifier,
             no_caps: Mutex::new(HashMap::new()),
             page_versions: Mutex::new(HashMap::new()),
+            locked: Mutex::new(std::collections::HashSet::new()),
             panic_name: std::env::var_os("JFS_TEST_PANIC_NAME").map(|n| n.as_bytes().to_vec()),
         }
     }
@@ -223,6 +237,17 @@ impl JfsFs {
             }
         }
         res.map_err(errno)
+    }
+
+    /// Releases every lock `owner` may hold on `ino` through this mount.
+    fn unlock_all(&self, ino: u64, owner: u64) {
+        if !lock(&self.locked).remove(&(ino, owner)) {
+            return;
+        }
+        if let Err(e) = self.block(self.client.set_lock(ino, owner, 0, 2, 0, u64::MAX)) {
+            // Its session ending releases it anyway; say so rather than fail close.
+            tracing::warn!(ino, owner, "could not release a lock at close: {e}");
+        }
     }
 
     /// Runs one FUSE request. A panic fails that request alone: the reply,
@@ -379,6 +404,10 @@ impl Filesystem for JfsFs {
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_AUTO_INVAL_DATA,
+            // fcntl and flock locks go to metad, so they hold across mounts
+            // (flock arrives as a whole-file lock, as on the NFS client).
+            InitFlags::FUSE_POSIX_LOCKS,
+            InitFlags::FUSE_FLOCK_LOCKS,
         ] {
             // Not every kernel has every capability; none is required.
             let _ = config.add_capabilities(cap);
@@ -671,8 +700,10 @@ impl Filesystem for JfsFs {
         })
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: Fh, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: Fh, lock_owner: LockOwner, reply: ReplyEmpty) {
         self.guard("flush", || {
+            // close(2) drops the process's POSIX locks on the file.
+            self.unlock_all(self.ino(ino), lock_owner.0);
             match self.handle(fh).and_then(|h| self.flush_handle(&h, false)) {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
@@ -683,14 +714,18 @@ impl Filesystem for JfsFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: Fh,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         self.guard("release", || {
+            // The last close of an open file description drops its flock.
+            if let Some(o) = lock_owner {
+                self.unlock_all(self.ino(ino), o.0);
+            }
             let h = lock(&self.files).remove(&fh.0);
             match h {
                 Some(h) => match self.flush_handle(&h, true) {
@@ -702,6 +737,79 @@ impl Filesystem for JfsFs {
                     }
                 },
                 None => reply.error(Errno::EBADF),
+            }
+        })
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: Fh,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        self.guard("getlk", || {
+            let Some(typ) = lock_type(typ) else {
+                return reply.error(Errno::EINVAL);
+            };
+            match self.block(self.client.get_lock(self.ino(ino), lock_owner.0, typ, start, end)) {
+                Ok(r) if r.conflict => {
+                    let t = if r.typ == 1 { libc::F_WRLCK } else { libc::F_RDLCK };
+                    reply.locked(r.start, r.end, t, r.pid)
+                }
+                Ok(_) => reply.locked(start, end, libc::F_UNLCK, pid),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: Fh,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.guard("setlk", || {
+            let Some(typ) = lock_type(typ) else {
+                return reply.error(Errno::EINVAL);
+            };
+            let (ino, owner) = (self.ino(ino), lock_owner.0);
+            if typ != 2 {
+                lock(&self.locked).insert((ino, owner));
+            }
+            let client = self.client.clone();
+            let attempt = async move {
+                // F_SETLKW / blocking flock: metad does not queue waiters, so
+                // poll, backing off to 200 ms. The wait runs as a task, not
+                // on a FUSE thread.
+                let mut pause = Duration::from_millis(10);
+                loop {
+                    match client.set_lock(ino, owner, pid, typ, start, end).await {
+                        Err(FsError::WouldBlock) if sleep => {
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_millis(200));
+                        }
+                        Ok(()) => return reply.ok(),
+                        Err(e) => return reply.error(errno(e)),
+                    }
+                }
+            };
+            if sleep {
+                self.rt.spawn(attempt);
+            } else {
+                self.block(attempt);
             }
         })
     }

@@ -934,6 +934,19 @@ impl Mount {
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// `kill -9` of this mount's jfs-mountd (a crashed client), then a lazy
+    /// unmount of the dead mount point.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = run_cmd(
+            Command::new("umount").arg("-l").arg(&self.path),
+            Duration::from_secs(20),
+        );
+    }
 }
 
 impl Drop for Mount {

@@ -377,6 +377,8 @@ pub fn state_text(s: &NodeStatus, answered_at: &str) -> String {
     }
     if !s.digest.is_empty() {
         fields.push(("digest", digest_text(s)));
+        fields.push(("sessions", s.sessions.to_string()));
+        fields.push(("saved replies", s.saved_replies.to_string()));
     }
     let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     let mut out = String::new();
@@ -695,6 +697,8 @@ learners        -
 seen members    1,2,3
 cluster id      -
 digest          0011223344556677-9@5000
+sessions        0
+saved replies   0
 ";
         assert_eq!(text, expected);
         let leader = state_text(&st(1, "leader"), "x:1");

@@ -302,11 +302,19 @@ fn mount_at(mp: &Path) -> Option<MountEntry> {
 }
 
 /// A FUSE mount whose daemon died answers every call with ENOTCONN.
+/// statfs(2), not stat: the kernel may answer a stat of the mount root from
+/// its attribute cache for a while after the daemon died, but it always
+/// sends statfs to the daemon, and a dead one makes that fail with ENOTCONN.
 fn mount_is_dead(mp: &Path) -> bool {
-    match fs::metadata(mp) {
-        Ok(_) => false,
-        Err(e) => e.raw_os_error() == Some(libc::ENOTCONN),
-    }
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(mp.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `path` is a valid C string and `st` a writable statfs buffer
+    // for the duration of the call.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statfs(path.as_ptr(), &mut st) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
 }
 
 fn run_quiet(prog: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {

@@ -62,10 +62,17 @@ impl LeaseTracker {
         Some(times[quorum - 1])
     }
 
-    pub fn valid(&self, me: NodeId, term: u64, voters: &[NodeId], lease: Duration) -> bool {
+    /// True while a quorum of *every* voter configuration acknowledged this
+    /// term less than `lease` ago. During a membership change (joint
+    /// consensus) there are two configurations, and a new leader needs a
+    /// majority of each, so the lease must hold in each.
+    pub fn valid(&self, me: NodeId, term: u64, configs: &[Vec<NodeId>], lease: Duration) -> bool {
         let now = Instant::now();
-        self.quorum_ack(me, term, voters, now)
-            .is_some_and(|s| now.saturating_duration_since(s) < lease)
+        !configs.is_empty()
+            && configs.iter().all(|voters| {
+                self.quorum_ack(me, term, voters, now)
+                    .is_some_and(|s| now.saturating_duration_since(s) < lease)
+            })
     }
 }
 
@@ -78,22 +85,29 @@ mod tests {
         let l = LeaseTracker::default();
         let lease = Duration::from_millis(500);
         let voters = [1, 2, 3];
-        assert!(!l.valid(1, 5, &voters, lease), "no acks yet");
+        let one = |v: &[NodeId]| vec![v.to_vec()];
+        assert!(!l.valid(1, 5, &one(&voters), lease), "no acks yet");
         l.record_ack(2, 4, Instant::now());
         assert!(
-            !l.valid(1, 5, &voters, lease),
+            !l.valid(1, 5, &one(&voters), lease),
             "an ack from an older term does not count"
         );
         l.record_ack(2, 5, Instant::now());
         assert!(
-            l.valid(1, 5, &voters, lease),
+            l.valid(1, 5, &one(&voters), lease),
             "self + one follower is a quorum of three"
         );
         l.record_ack(3, 5, Instant::now() - Duration::from_secs(10));
         let old = Instant::now() - Duration::from_secs(1);
         let l2 = LeaseTracker::default();
         l2.record_ack(2, 5, old);
-        assert!(!l2.valid(1, 5, &voters, lease), "an old ack has expired");
-        assert!(!l.valid(1, 5, &[1, 2, 3, 4, 5], lease), "five voters need three acks");
+        assert!(!l2.valid(1, 5, &one(&voters), lease), "an old ack has expired");
+        assert!(!l.valid(1, 5, &one(&[1, 2, 3, 4, 5]), lease), "five voters need three acks");
+        // Joint consensus {1,2,3} -> {1,4,5}: node 2's ack is a quorum of the
+        // old configuration only; the new one needs 4 or 5 too.
+        let joint = vec![vec![1, 2, 3], vec![1, 4, 5]];
+        assert!(!l.valid(1, 5, &joint, lease), "a quorum of the old configuration alone");
+        l.record_ack(4, 5, Instant::now());
+        assert!(l.valid(1, 5, &joint, lease), "quorums of both configurations");
     }
 }

@@ -289,9 +289,15 @@ impl MetaService {
         if m.last_applied.is_none_or(|l| l.leader_id.term != m.current_term) {
             return false;
         }
-        let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+        let configs: Vec<Vec<u64>> = m
+            .membership_config
+            .membership()
+            .get_joint_config()
+            .iter()
+            .map(|c| c.iter().copied().collect())
+            .collect();
         self.lease
-            .valid(self.node_id, m.current_term, &voters, self.lease_duration)
+            .valid(self.node_id, m.current_term, &configs, self.lease_duration)
     }
 
     /// Records that a blockd is alive without taking its reports or handing

@@ -102,7 +102,10 @@ mod tests {
         let l2 = LeaseTracker::default();
         l2.record_ack(2, 5, old);
         assert!(!l2.valid(1, 5, &one(&voters), lease), "an old ack has expired");
-        assert!(!l.valid(1, 5, &one(&[1, 2, 3, 4, 5]), lease), "five voters need three acks");
+        assert!(
+            !l.valid(1, 5, &one(&[1, 2, 3, 4, 5]), lease),
+            "five voters need three acks"
+        );
         // Joint consensus {1,2,3} -> {1,4,5}: node 2's ack is a quorum of the
         // old configuration only; the new one needs 4 or 5 too.
         let joint = vec![vec![1, 2, 3], vec![1, 4, 5]];

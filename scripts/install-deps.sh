@@ -16,6 +16,8 @@ packages=(
     fuse3 util-linux
     # the tools the tests and the benchmark drive
     rsync attr acl bindfs coreutils tar diffutils findutils procps python3
+    # the network-partition test cuts a metad off with nftables
+    nftables
 )
 
 missing=()

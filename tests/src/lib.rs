@@ -33,6 +33,9 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// The recorded metadata workload of the failover and membership tests.
+pub mod workload;
+
 /// Default block size of a namespace (DESIGN §6); tests probe its edges.
 pub const BLOCK_SIZE: u64 = 4 << 20;
 pub const MIB: u64 = 1 << 20;

@@ -869,8 +869,17 @@ mod tests {
         report.added(5);
         report.corrupt(6);
 
-        // The last heartbeat the leader took.
-        let last = || seen.lock().unwrap().last().cloned().unwrap();
+        // The last full heartbeat the leader took (liveness-only beats to
+        // every metad arrive beside them, from background tasks).
+        let last = || {
+            seen.lock()
+                .unwrap()
+                .iter()
+                .rev()
+                .find(|r| !r.liveness_only)
+                .cloned()
+                .unwrap()
+        };
 
         assert!(!hb.beat().await, "a lost reply counts as no answer");
         let lost = last();

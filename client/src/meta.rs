@@ -146,11 +146,21 @@ impl MetaClient {
     /// A client of the metad nodes at `addresses` (host:port). Nothing is
     /// dialed until the first call. `timeout` bounds each call, retries included.
     pub fn new(addresses: Vec<String>, timeout: Duration) -> MetaClient {
+        MetaClient::build(addresses, timeout, DEFAULT_SESSION_TIMEOUT)
+    }
+
+    /// The same client with another session timeout (`client.session-timeout-ms`).
+    /// Call before the first request: it starts a fresh session.
+    pub fn with_session_timeout(self, session_timeout: Duration) -> MetaClient {
+        MetaClient::build(self.inner.addresses.clone(), self.inner.timeout, session_timeout)
+    }
+
+    fn build(addresses: Vec<String>, timeout: Duration, session_timeout: Duration) -> MetaClient {
         MetaClient {
             inner: Arc::new(Inner {
                 addresses,
                 timeout,
-                session_timeout: DEFAULT_SESSION_TIMEOUT,
+                session_timeout,
                 state: Mutex::new(State {
                     channels: HashMap::new(),
                     leader: None,
@@ -161,25 +171,6 @@ impl MetaClient {
                 keepalive_started: std::sync::atomic::AtomicBool::new(false),
             }),
         }
-    }
-
-    /// The same client with another session timeout (`client.session-timeout-ms`).
-    /// Call before the first request.
-    pub fn with_session_timeout(self, session_timeout: Duration) -> MetaClient {
-        let inner = Inner {
-            addresses: self.inner.addresses.clone(),
-            timeout: self.inner.timeout,
-            session_timeout,
-            state: Mutex::new(State {
-                channels: HashMap::new(),
-                leader: None,
-                learned: Vec::new(),
-                terms: HashMap::new(),
-            }),
-            session: Mutex::new(Session::new()),
-            keepalive_started: std::sync::atomic::AtomicBool::new(false),
-        };
-        MetaClient { inner: Arc::new(inner) }
     }
 
     /// Ends this client's session at once (instead of letting it expire):

@@ -300,6 +300,24 @@ impl MetaService {
             .valid(self.node_id, m.current_term, &configs, self.lease_duration)
     }
 
+    /// Puts a heartbeat into the registry; a blockd that was dead or unknown
+    /// is asked for a full report (what it holds may have changed).
+    fn record_alive(&self, r: &rpc::HeartbeatRequest, draining: bool) {
+        if !self.blockds.is_live(&r.blockd_id) {
+            self.healer.returned(&r.blockd_id);
+        }
+        self.blockds.heartbeat(BlockdInfo {
+            id: r.blockd_id.clone(),
+            address: r.address.clone(),
+            capacity: r.capacity_bytes,
+            free: r.free_bytes,
+            filesystem: r.filesystem.clone(),
+            block_count: r.block_count,
+            draining,
+            last_seen: std::time::Instant::now(),
+        });
+    }
+
     /// Records that a blockd is alive without taking its reports or handing
     /// it commands. Every node keeps this view, so a newly elected leader
     /// can place blocks before the first heartbeat of its term arrives. A
@@ -312,19 +330,7 @@ impl MetaService {
                 .blockd_recs()?
                 .into_iter()
                 .any(|(id, rec)| id == r.blockd_id && rec.state == BlockdState::Decommissioning);
-            if !self.blockds.is_live(&r.blockd_id) {
-                self.healer.returned(&r.blockd_id);
-            }
-            self.blockds.heartbeat(BlockdInfo {
-                id: r.blockd_id.clone(),
-                address: r.address.clone(),
-                capacity: r.capacity_bytes,
-                free: r.free_bytes,
-                filesystem: r.filesystem.clone(),
-                block_count: r.block_count,
-                draining,
-                last_seen: std::time::Instant::now(),
-            });
+            self.record_alive(r, draining);
         }
         if !self.is_leader() {
             return Err(not_leader(self.leader_node().as_ref()));
@@ -791,19 +797,7 @@ impl Meta for MetaService {
             self.propose(&None, op).await?;
         }
         let draining = known.is_some_and(|k| k.state == BlockdState::Decommissioning);
-        if !self.blockds.is_live(&r.blockd_id) {
-            self.healer.returned(&r.blockd_id);
-        }
-        self.blockds.heartbeat(BlockdInfo {
-            id: r.blockd_id.clone(),
-            address: r.address.clone(),
-            capacity: r.capacity_bytes,
-            free: r.free_bytes,
-            filesystem: r.filesystem.clone(),
-            block_count: r.block_count,
-            draining,
-            last_seen: std::time::Instant::now(),
-        });
+        self.record_alive(&r, draining);
         // Record what the blockd reports done before handing out more: a
         // reply that gets lost makes it report the same again.
         let ops = self.healer.on_heartbeat(&r.blockd_id, &r);

@@ -495,6 +495,21 @@ impl Cluster {
         self.wait_usable(Duration::from_secs(60));
     }
 
+    /// Stops the cluster, appends `line` (a `key = value` setting) to its
+    /// jfs.toml, and starts it again, so every daemon and the mount use it.
+    pub fn restart_with_setting(&self, line: &str) {
+        self.local_down();
+        let conf = self.conf();
+        let mut text = fs::read_to_string(&conf).unwrap_or_else(|e| panic!("read {}: {e}", conf.display()));
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(line);
+        text.push('\n');
+        fs::write(&conf, text).unwrap_or_else(|e| panic!("write {}: {e}", conf.display()));
+        self.local_up();
+    }
+
     /// `jfs local down`; asserts it succeeded and left no mount.
     pub fn local_down(&self) {
         self.jfs_ok(&["local", "down", "--dir", &s(&self.state)]);

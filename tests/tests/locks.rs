@@ -60,12 +60,7 @@ fn open_rw(p: &std::path::Path) -> File {
 /// `SESSION`, so a crashed holder's locks go within seconds.
 fn cluster_with_short_sessions() -> Cluster {
     let c = Cluster::start();
-    c.local_down();
-    let conf = c.conf();
-    let mut text = fs::read_to_string(&conf).expect("read jfs.toml");
-    text.push_str(&format!("client.session-timeout-ms = {}\n", SESSION.as_millis()));
-    fs::write(&conf, text).expect("write jfs.toml");
-    c.local_up();
+    c.restart_with_setting(&format!("client.session-timeout-ms = {}", SESSION.as_millis()));
     c
 }
 

@@ -41,12 +41,7 @@ fn a_lagging_and_a_wiped_metad_catch_up_by_snapshot() {
     let c = Cluster::start();
     // Snapshot (and purge the log) every 200 entries so a short outage is
     // enough to force catch-up by snapshot.
-    c.local_down();
-    let conf = c.conf();
-    let mut text = fs::read_to_string(&conf).expect("read jfs.toml");
-    text.push_str("namespace.backend.raft.snapshot-interval = 200\n");
-    fs::write(&conf, text).expect("write jfs.toml");
-    c.local_up();
+    c.restart_with_setting("namespace.backend.raft.snapshot-interval = 200");
 
     let leader = wait_until("a metad leader", Duration::from_secs(30), || {
         c.leader_index().ok_or_else(|| "no leader yet".to_string())

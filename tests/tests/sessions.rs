@@ -4,7 +4,6 @@
 //! timeout, so thousands of runs leave nothing behind.
 
 use jfs_tests::*;
-use std::fs;
 use std::time::Duration;
 
 const SESSION: Duration = Duration::from_secs(3);
@@ -25,12 +24,8 @@ fn counts(c: &Cluster, node: usize) -> (u64, u64) {
 #[test]
 fn short_cli_runs_and_dead_clients_leave_no_sessions_behind() {
     let c = Cluster::start();
-    c.local_down();
+    c.restart_with_setting(&format!("client.session-timeout-ms = {}", SESSION.as_millis()));
     let conf = c.conf();
-    let mut text = fs::read_to_string(&conf).expect("read jfs.toml");
-    text.push_str(&format!("client.session-timeout-ms = {}\n", SESSION.as_millis()));
-    fs::write(&conf, text).expect("write jfs.toml");
-    c.local_up();
     let leader = wait_until("a metad leader", Duration::from_secs(30), || {
         c.leader_index().ok_or_else(|| "no leader yet".to_string())
     });

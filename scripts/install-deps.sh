@@ -16,6 +16,8 @@ packages=(
     fuse3 util-linux
     # the tools the tests and the benchmark drive
     rsync attr acl bindfs coreutils tar diffutils findutils procps python3
+    # moto (the second table-store implementation the mirror tests run on) lives in a venv
+    python3-venv
     # the network-partition test cuts a metad off with nftables
     nftables
 )
@@ -63,3 +65,26 @@ if [[ ! -c /dev/fuse ]]; then
          "jfs needs FUSE (in a container, start it with --device /dev/fuse --cap-add SYS_ADMIN)" >&2
     exit 1
 fi
+
+# The table store of the local cluster and the tests: Dynoxide, a
+# DynamoDB-compatible server on SQLite (docs/DECISIONS.md says why this one).
+# Built from crates.io into /usr/local/bin, pinned so every machine runs the
+# same server (crate dynoxide-rs 3.2.0 reports itself as "dynoxide 1.5.0").
+DYNOXIDE_CRATE_VERSION=3.2.0
+DYNOXIDE_REPORTS="dynoxide 1.5.0"
+if [[ "$(/usr/local/bin/dynoxide --version 2>/dev/null)" != "$DYNOXIDE_REPORTS" ]]; then
+    echo "install-deps.sh: building the table store server (dynoxide-rs $DYNOXIDE_CRATE_VERSION, a few minutes)"
+    cargo install --quiet --locked --force --root /usr/local dynoxide-rs --version "$DYNOXIDE_CRATE_VERSION" \
+        --no-default-features --features native-sqlite,http-server,cli
+fi
+echo "install-deps.sh: table store server: $(/usr/local/bin/dynoxide --version)"
+
+# The second, independent DynamoDB implementation the mirror's contract test
+# runs against: moto's server mode, in its own virtualenv (pinned).
+MOTO_VERSION=5.1.22
+if [[ "$(/opt/jfs-moto/bin/python -c 'import moto; print(moto.__version__)' 2>/dev/null)" != "$MOTO_VERSION" ]]; then
+    echo "install-deps.sh: installing moto $MOTO_VERSION (server mode) into /opt/jfs-moto"
+    python3 -m venv /opt/jfs-moto
+    /opt/jfs-moto/bin/pip install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+fi
+echo "install-deps.sh: second table store: moto $(/opt/jfs-moto/bin/python -c 'import moto; print(moto.__version__)')"

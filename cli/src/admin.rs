@@ -119,6 +119,119 @@ pub async fn set_replication(cfg: &Config, name: &str, replication: u32) -> CliR
     Ok(())
 }
 
+/// `jfs admin recovery wait`: polls the leader's recovery state.
+pub async fn recovery_wait(cfg: &Config, timeout: Option<std::time::Duration>) -> CliResult<()> {
+    use std::io::IsTerminal;
+    let started = std::time::Instant::now();
+    let bar = indicatif::ProgressBar::new(0);
+    if !std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("restoring {bar:40} {pos}/{len} rows ({per_sec}, {eta} left)")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut last_line = String::new();
+    loop {
+        let leader = crate::metastatus::collect(cfg, false)
+            .await
+            .into_iter()
+            .filter_map(|r| r.status.ok())
+            .filter(|s| s.role == "leader")
+            .max_by_key(|s| s.term);
+        if let Some(l) = leader {
+            match l.recovery_state.as_str() {
+                "FINISH" => {
+                    bar.finish_and_clear();
+                    crate::say!(
+                        "FINISH: {} rows restored; namespaces are read-only until `jfs admin recovery finish`",
+                        l.recovery_total
+                    );
+                    return Ok(());
+                }
+                "RUNNING" => {
+                    bar.set_length(l.recovery_total);
+                    bar.set_position(l.recovery_restored.min(l.recovery_total));
+                    let line = format!("RUNNING {}/{}", l.recovery_restored, l.recovery_total);
+                    if bar.is_hidden() && line != last_line {
+                        crate::say!("{line}");
+                        last_line = line;
+                    }
+                }
+                "LEFT" => {
+                    bar.finish_and_clear();
+                    return Err(CliError::Failed(
+                        "this cluster already left recovery mode: it is writable".into(),
+                    ));
+                }
+                _ => {
+                    // The leader may not have started the restore yet.
+                    if started.elapsed() > std::time::Duration::from_secs(30) {
+                        bar.finish_and_clear();
+                        return Err(CliError::Failed(
+                            "the cluster is not in recovery mode: start every jfs-metad with \
+                             namespace.backend.raft.recovery.mode = true on an empty data directory"
+                                .into(),
+                        ));
+                    }
+                }
+            }
+        }
+        if timeout.is_some_and(|t| started.elapsed() > t) {
+            bar.finish_and_clear();
+            return Err(CliError::Failed(format!(
+                "the restore did not finish within {} s (it goes on; run this again to keep waiting)",
+                started.elapsed().as_secs()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// Longest `jfs admin mirror verify` waits for its answer.
+const VERIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// `jfs admin mirror verify`.
+pub async fn mirror_verify(cfg: &Config) -> CliResult<()> {
+    // Reading every table takes a while (about 10 s per 100,000 rows on the
+    // local table store): more than one normal attempt may take.
+    let client = MetaClient::for_slow_calls(cfg.rpc_addresses.clone(), VERIFY_TIMEOUT);
+    let r = client
+        .call(|mut c| async move { c.mirror_verify(rpc::MirrorVerifyRequest {}).await })
+        .await?;
+    crate::say!(
+        "index {}: {} rows compared, {} missing, {} extra, {} different, {} log items pending",
+        r.index,
+        r.rows,
+        r.missing,
+        r.extra,
+        r.different,
+        r.log_items
+    );
+    for e in &r.examples {
+        crate::say!("  {e}");
+    }
+    if r.missing + r.extra + r.different > 0 {
+        return Err(CliError::Failed("the mirror tables differ from the namespace".into()));
+    }
+    Ok(())
+}
+
+/// `jfs admin recovery finish`: leaves recovery mode online.
+pub async fn recovery_finish(cfg: &Config) -> CliResult<()> {
+    meta_client(cfg)
+        .call_mut(|mut c, hdr| {
+            let req = rpc::RecoveryFinishRequest { hdr: Some(hdr) };
+            async move { c.recovery_finish(req).await }
+        })
+        .await?;
+    crate::say!(
+        "recovery mode ended: namespaces are writable. Set namespace.backend.raft.recovery.mode = false in \
+         the config before the next restart"
+    );
+    Ok(())
+}
+
 fn bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = n as f64;

@@ -6,6 +6,12 @@
 //! Both commands are idempotent: `up` starts only what is not running (a pid
 //! file counts only if it names a live process with the expected command
 //! line) and mounts only if not mounted; `down` stops only what runs.
+//!
+//! With the mirror (the default), the cluster also has a table store: a
+//! Dynoxide server (DynamoDB-compatible, SQLite-backed) on a loopback port
+//! with its database in `tablestore/`; metad talks to it exactly as to
+//! DynamoDB. `down --drop-metadata` then `up --recovery` replays losing the
+//! whole metadata cluster and restoring it from the tables.
 
 use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
@@ -43,9 +49,32 @@ pub fn metad_raft_port(i: u64) -> u16 {
 pub fn blockd_port(j: u64) -> u16 {
     (8201 + 10 * (j - 1)) as u16
 }
+pub const TABLESTORE_PORT: u16 = 8301;
+/// The DynamoDB-compatible server the local cluster runs (see docs/DECISIONS.md).
+const TABLESTORE_BINARY: &str = "dynoxide";
+
+/// Config keys `up --recovery` sets (recovery on, mirror off, as the seed
+/// systems require while restoring).
+const RECOVERY_KEY: &str = "namespace.backend.raft.recovery.mode";
+const MIRROR_KEY: &str = "namespace.backend.raft.async.dynamodb.enabled";
+
+/// Sets `key = value` in config text written by `local_config_text`:
+/// drops any line for the key, then appends the new one.
+pub fn set_config_key(text: &str, key: &str, value: &str) -> String {
+    let mut out: String = text
+        .lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            !(t.starts_with(key) && t[key.len()..].trim_start().starts_with('='))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    out.push_str(&format!("{key} = {value}\n"));
+    out
+}
 
 /// The config a fresh local cluster gets.
-pub fn local_config_text(state: &Path, ip: &str) -> String {
+pub fn local_config_text(state: &Path, ip: &str, mirror: bool) -> String {
     let initial: Vec<String> = (1..=METAD_COUNT)
         .map(|i| format!("{ip}:{}:0", metad_raft_port(i)))
         .collect();
@@ -69,7 +98,21 @@ pub fn local_config_text(state: &Path, ip: &str) -> String {
         rpc.join(","),
         toml_string(&state.join("metad")),
         toml_string(&state.join("blockd")),
-    )
+    ) + &if mirror {
+        format!(
+            "# Metadata is mirrored to the local table store (a DynamoDB-compatible server\n\
+             # on {ip}:{TABLESTORE_PORT}, data in STATE/tablestore); for real DynamoDB drop the\n\
+             # endpoint and credentials (the standard AWS chain is used) and set the region.\n\
+             {MIRROR_KEY} = true\n\
+             namespace.dynamodb.endpoint = \"http://{ip}:{TABLESTORE_PORT}\"\n\
+             namespace.dynamodb.region = \"us-east-1\"\n\
+             namespace.dynamodb.table-prefix = \"jfs_\"\n\
+             namespace.dynamodb.access-key = \"local\"\n\
+             namespace.dynamodb.access-secret = \"local\"\n"
+        )
+    } else {
+        String::new()
+    }
 }
 
 fn toml_string(p: &Path) -> String {
@@ -101,10 +144,33 @@ impl Layout {
         self.state.join("mounts")
     }
 
+    fn tablestore(&self) -> PathBuf {
+        self.state.join("tablestore")
+    }
+
     /// Every daemon of the cluster with its exact arguments (after argv[0]).
     fn daemons(&self, cfg: &Config, ip: &str) -> Vec<Daemon> {
         let conf: OsString = self.conf().into();
         let mut out = Vec::new();
+        // Ours only if the config points at it (it may name real DynamoDB).
+        let endpoint = format!("http://{ip}:{TABLESTORE_PORT}");
+        if cfg.dynamodb.endpoint.as_deref() == Some(endpoint.as_str()) {
+            out.push(Daemon {
+                args: vec![
+                    "serve".into(),
+                    "--host".into(),
+                    ip.into(),
+                    "--port".into(),
+                    TABLESTORE_PORT.to_string().into(),
+                    "--db-path".into(),
+                    self.tablestore().join("tables.sqlite").into(),
+                ],
+                data_dir: self.tablestore(),
+                addr: format!("{ip}:{TABLESTORE_PORT}"),
+                name: "tablestore".into(),
+                binary: TABLESTORE_BINARY,
+            });
+        }
         for p in &cfg.peers {
             let name = format!("metad{}", p.id);
             out.push(Daemon {
@@ -374,7 +440,7 @@ fn host_of(addr: &str) -> &str {
 }
 
 /// Creates the state directory and its config if needed; returns the config and the IP.
-fn prepare_state(dir: &Path, ip: Option<&str>) -> CliResult<(Layout, Config, String)> {
+fn prepare_state(dir: &Path, ip: Option<&str>, mirror: bool) -> CliResult<(Layout, Config, String)> {
     if let Some(ip) = ip {
         if ip.parse::<Ipv4Addr>().is_err() {
             return Err(CliError::Usage(format!(
@@ -391,7 +457,7 @@ fn prepare_state(dir: &Path, ip: Option<&str>) -> CliResult<(Layout, Config, Str
     let conf = layout.conf();
     if !conf.exists() {
         let ip = ip.unwrap_or(DEFAULT_IP);
-        write_atomic(&conf, &local_config_text(&layout.state, ip))?;
+        write_atomic(&conf, &local_config_text(&layout.state, ip, mirror))?;
         crate::say!("wrote {} (cluster on {ip})", conf.display());
     }
     let cfg = crate::load_config(&conf)?;
@@ -408,15 +474,68 @@ fn prepare_state(dir: &Path, ip: Option<&str>) -> CliResult<(Layout, Config, Str
     Ok((layout, cfg, conf_ip))
 }
 
-pub async fn up(dir: &Path, ip: Option<&str>, mountpoint: &Path) -> CliResult<()> {
+/// What `up` should do beyond starting the cluster.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UpOptions {
+    /// A new state directory gets no table store and no mirror.
+    pub no_mirror: bool,
+    /// Start the metadata cluster in recovery mode and restore it from the
+    /// table store (the state's metad data must have been dropped).
+    pub recovery: bool,
+}
+
+/// Switches an existing state to recovery mode: recovery on, mirror off.
+fn enter_recovery(layout: &Layout) -> CliResult<Config> {
+    let conf = layout.conf();
+    let text = fs::read_to_string(&conf).map_err(|_| {
+        CliError::Usage(format!(
+            "{} does not exist: --recovery restores a cluster whose metadata was dropped (`jfs local down \
+             --drop-metadata`); it needs that cluster's state directory, with its blockd data and table store",
+            conf.display()
+        ))
+    })?;
+    let cfg = crate::load_config(&conf)?;
+    if cfg.dynamodb.endpoint.is_none() && !cfg.mirror_enabled && !cfg.recovery_mode {
+        return Err(CliError::Usage(format!(
+            "{} has no table store configured (the cluster ran with --no-mirror): there is nothing to restore from",
+            conf.display()
+        )));
+    }
+    for p in &cfg.peers {
+        let d = layout.state.join(format!("metad{}", p.id));
+        if fs::read_dir(&d).is_ok_and(|mut e| e.next().is_some()) && !cfg.recovery_mode {
+            return Err(CliError::Usage(format!(
+                "{} still holds metadata: --recovery starts a new, empty metadata cluster. Drop the old one first \
+                 with `jfs local down --drop-metadata --dir {}`",
+                d.display(),
+                layout.state.display()
+            )));
+        }
+    }
+    let text = set_config_key(&text, RECOVERY_KEY, "true");
+    let text = set_config_key(&text, MIRROR_KEY, "false");
+    write_atomic(&conf, &text)?;
+    crate::load_config(&conf)
+}
+
+pub async fn up(dir: &Path, ip: Option<&str>, mountpoint: &Path, opts: UpOptions) -> CliResult<()> {
     let started_at = Instant::now();
-    let (layout, cfg, ip) = prepare_state(dir, ip)?;
+    let (layout, mut cfg, ip) = prepare_state(dir, ip, !opts.no_mirror)?;
+    if opts.recovery {
+        cfg = enter_recovery(&layout)?;
+    }
     // Resolve binaries before starting anything, so a missing one stops us cleanly.
     for b in ["jfs-metad", "jfs-blockd", "jfs-mountd"] {
         find_binary(b)?;
     }
 
     let daemons = layout.daemons(&cfg, &ip);
+    if daemons.iter().any(|d| d.binary == TABLESTORE_BINARY) && find_binary(TABLESTORE_BINARY).is_err() {
+        return Err(CliError::Failed(format!(
+            "the table store server `{TABLESTORE_BINARY}` is not installed (bash scripts/install-deps.sh installs \
+             it); or start without the mirror: `jfs local up --no-mirror` on a new --dir"
+        )));
+    }
     let mut children: Vec<(String, Child)> = Vec::new();
     for d in &daemons {
         match running_pid(&layout, d) {
@@ -438,6 +557,9 @@ pub async fn up(dir: &Path, ip: Option<&str>, mountpoint: &Path) -> CliResult<()
         }
     }
 
+    if cfg.recovery_mode {
+        wait_restored(&layout, &cfg).await?;
+    }
     wait_ready(&layout, &cfg, &daemons, &mut children).await?;
     // Our children keep running after we exit; dropping a Child neither kills nor waits.
     drop(children);
@@ -562,6 +684,41 @@ async fn wait_ready(
     }
 }
 
+/// Waits until the leader reports the restore FINISHed, printing progress.
+async fn wait_restored(layout: &Layout, cfg: &Config) -> CliResult<()> {
+    crate::say!("recovery mode: restoring the namespaces from the table store...");
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    let mut last = String::new();
+    let mut last_print = Instant::now();
+    loop {
+        let leader = metastatus::collect(cfg, false)
+            .await
+            .into_iter()
+            .filter_map(|r| r.status.ok())
+            .filter(|s| s.role == "leader")
+            .max_by_key(|s| s.term);
+        if let Some(l) = leader {
+            let line = metastatus::recovery_text(&l);
+            if l.recovery_state == "FINISH" || l.recovery_state == "LEFT" {
+                crate::say!("restore finished: {} rows", l.recovery_restored);
+                return Ok(());
+            }
+            if line != last && last_print.elapsed() >= Duration::from_secs(2) {
+                crate::say!("  {line}");
+                last = line;
+                last_print = Instant::now();
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(CliError::Failed(format!(
+                "the restore did not finish within an hour; read {} (the leader's log says why)",
+                layout.log("metad1").display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Mounts namespace `default` at `mountpoint` unless a live mount is there; returns the canonical path.
 async fn ensure_mounted(layout: &Layout, mountpoint: &Path) -> CliResult<PathBuf> {
     // A dead FUSE mount makes canonicalize fail with ENOTCONN, so look it up by the absolute path first.
@@ -682,7 +839,7 @@ fn log_tail(path: &Path) -> String {
 
 // ---------------------------------------------------------------- down
 
-pub async fn down(dir: &Path) -> CliResult<()> {
+pub async fn down(dir: &Path, drop_metadata: bool) -> CliResult<()> {
     if !dir.exists() {
         crate::say!("{} does not exist: nothing to stop", dir.display());
         return Ok(());
@@ -768,6 +925,24 @@ pub async fn down(dir: &Path) -> CliResult<()> {
             }
         }
     }
+    if drop_metadata {
+        if !failures.is_empty() {
+            failures.push("metadata not dropped: not everything stopped".into());
+        } else {
+            for d in daemons.iter().filter(|d| d.binary == "jfs-metad") {
+                match fs::remove_dir_all(&d.data_dir) {
+                    Ok(()) => crate::say!("{}: metadata dropped", d.data_dir.display()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => failures.push(format!("cannot remove {}: {e}", d.data_dir.display())),
+                }
+            }
+            crate::say!(
+                "the blockd data and the table store are kept: `jfs local up --recovery MOUNTPOINT --dir {}` \
+                 restores the metadata from the table store",
+                layout.state.display()
+            );
+        }
+    }
     if failures.is_empty() {
         Ok(())
     } else {
@@ -794,7 +969,7 @@ mod tests {
 
     #[test]
     fn generated_config_parses() {
-        let text = local_config_text(Path::new("/tmp/state dir"), "127.0.7.1");
+        let text = local_config_text(Path::new("/tmp/state dir"), "127.0.7.1", true);
         let cfg = Config::from_toml_str(&text, Path::new("jfs.toml")).unwrap();
         assert_eq!(cfg.peers.len(), 3);
         assert_eq!(cfg.peers[2].raft_addr, "127.0.7.1:8123");
@@ -802,6 +977,15 @@ mod tests {
         assert_eq!(cfg.replication, 3);
         assert_eq!(cfg.block_gc_grace, std::time::Duration::from_secs(10));
         assert_eq!(cfg.metad_data_dir, Path::new("/tmp/state dir/metad"));
+        assert!(cfg.mirror_enabled && !cfg.recovery_mode);
+        assert_eq!(cfg.dynamodb.endpoint.as_deref(), Some("http://127.0.7.1:8301"));
+        let text = set_config_key(&text, RECOVERY_KEY, "true");
+        let text = set_config_key(&text, MIRROR_KEY, "false");
+        let cfg = Config::from_toml_str(&text, Path::new("jfs.toml")).unwrap();
+        assert!(!cfg.mirror_enabled && cfg.recovery_mode);
+        let plain = local_config_text(Path::new("/s"), "127.0.0.1", false);
+        let cfg = Config::from_toml_str(&plain, Path::new("jfs.toml")).unwrap();
+        assert!(!cfg.mirror_enabled && cfg.dynamodb.endpoint.is_none());
     }
 
     #[test]

@@ -98,12 +98,24 @@ enum LocalCommand {
         /// Where to mount namespace `default` (created if missing).
         #[arg(value_name = "MOUNTPOINT")]
         mountpoint: PathBuf,
+        /// For a new state directory: no table store and no metadata mirror.
+        #[arg(long)]
+        no_mirror: bool,
+        /// Start a new metadata cluster in recovery mode on this state's table store and blockd
+        /// data (after `jfs local down --drop-metadata`): restore every namespace, wait for
+        /// FINISH, mount read-only. Leave recovery mode with `jfs admin recovery finish`.
+        #[arg(long)]
+        recovery: bool,
     },
     /// Unmount the local cluster's mounts and stop its daemons. Safe to run again.
     Down {
         /// State directory given to `jfs local up`.
         #[arg(long, value_name = "STATE", default_value = DEFAULT_STATE_DIR)]
         dir: PathBuf,
+        /// Also delete every metad data directory (a lost metadata cluster), keeping the blockd
+        /// data and the table store, so `jfs local up --recovery` can restore from it.
+        #[arg(long)]
+        drop_metadata: bool,
     },
 }
 
@@ -162,6 +174,36 @@ enum AdminCommand {
         #[arg(long, value_name = "ID")]
         to: u64,
     },
+    /// Recovery mode (a cluster restored from the table-store mirror): wait for the restore, end it.
+    #[command(subcommand)]
+    Recovery(RecoveryCommand),
+    /// The table-store mirror: check the tables against the namespace.
+    #[command(subcommand)]
+    Mirror(MirrorCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum MirrorCommand {
+    /// Compare every row of the mirror tables with the leader's namespace. Needs a few quiet
+    /// seconds (no writes); exits 1 when any row is missing, extra or different.
+    Verify,
+}
+
+#[derive(Subcommand, Debug)]
+enum RecoveryCommand {
+    /// Show the restore's progress (a progress bar on a terminal) until the leader reports
+    /// FINISH. Exits 0 at FINISH, 1 if the cluster is not in recovery mode or --timeout passes.
+    Wait {
+        /// Give up after this many seconds (default: wait as long as it takes).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+    },
+    /// End recovery mode without a restart: namespaces become writable, and the mirror (if
+    /// enabled) resumes into the same tables. Refused while the restore is still running.
+    ///
+    /// Then set namespace.backend.raft.recovery.mode = false in the config (a node started with
+    /// it still true only logs a warning: a cluster that left recovery mode never restores again).
+    Finish,
 }
 
 #[derive(Subcommand, Debug)]
@@ -455,15 +497,22 @@ fn metastatus_conf_path(dir: Option<&Path>, conf: Option<&Path>) -> CliResult<Pa
 async fn run(cli: Cli) -> CliResult<()> {
     let conf = cli.conf.as_deref();
     match cli.command {
-        Command::Local(LocalCommand::Up { dir, ip, mountpoint }) => {
+        Command::Local(LocalCommand::Up {
+            dir,
+            ip,
+            mountpoint,
+            no_mirror,
+            recovery,
+        }) => {
             if conf.is_some() {
                 return Err(CliError::Usage(
                     "`jfs local up` writes and uses STATE/jfs.toml; drop --conf (choose the state with --dir)".into(),
                 ));
             }
-            local_cluster::up(&dir, ip.as_deref(), &mountpoint).await
+            let opts = local_cluster::UpOptions { no_mirror, recovery };
+            local_cluster::up(&dir, ip.as_deref(), &mountpoint, opts).await
         }
-        Command::Local(LocalCommand::Down { dir }) => local_cluster::down(&dir).await,
+        Command::Local(LocalCommand::Down { dir, drop_metadata }) => local_cluster::down(&dir, drop_metadata).await,
         Command::Metastatus(args) => {
             let path = metastatus_conf_path(args.dir.as_deref(), conf)?;
             let cfg = load_config(&path)?;
@@ -507,6 +556,11 @@ async fn run(cli: Cli) -> CliResult<()> {
                 AdminCommand::Node(NodeCommand::State { id, digest }) => membership::state(&cfg, id, digest).await,
                 AdminCommand::Node(NodeCommand::Health { id }) => membership::health(&cfg, id).await,
                 AdminCommand::Failover { to } => membership::failover(&cfg, to).await,
+                AdminCommand::Recovery(RecoveryCommand::Wait { timeout }) => {
+                    admin::recovery_wait(&cfg, timeout.map(std::time::Duration::from_secs)).await
+                }
+                AdminCommand::Recovery(RecoveryCommand::Finish) => admin::recovery_finish(&cfg).await,
+                AdminCommand::Mirror(MirrorCommand::Verify) => admin::mirror_verify(&cfg).await,
             }
         }
         Command::Fsck { uri } => {

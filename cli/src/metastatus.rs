@@ -177,6 +177,12 @@ pub async fn run(cfg: &Config, detail: bool, digest: bool) -> CliResult<()> {
     let reports = collect(cfg, digest).await;
     let (table, notes) = render(&reports, detail, digest);
     crate::say!("{}", table.trim_end());
+    if detail {
+        let more = mirror_details(&reports);
+        if !more.is_empty() {
+            crate::say!("\n{}", more.trim_end());
+        }
+    }
     // Diagnostics go to stderr: stdout stays one clean table for scripts.
     for n in notes {
         eprintln!("{n}");
@@ -247,6 +253,8 @@ pub fn render(reports: &[NodeReport], detail: bool, digest: bool) -> (String, Ve
             "LEARNERS",
             "CLUSTER ID",
             "LIVE BLOCKDS",
+            "MIRROR",
+            "RECOVERY",
         ]);
     }
     if digest {
@@ -280,6 +288,8 @@ pub fn render(reports: &[NodeReport], detail: bool, digest: bool) -> (String, Ve
                             s.cluster_id.clone()
                         },
                         s.live_blockds.to_string(),
+                        mirror_cell(s),
+                        recovery_text(s),
                     ]);
                 }
                 if digest {
@@ -319,6 +329,59 @@ pub fn render(reports: &[NodeReport], detail: bool, digest: bool) -> (String, Ve
         rows.push(row);
     }
     (format_table(&headers, &rows), notes)
+}
+
+/// `_synced=1` / `_synced=0` (as the seed systems print it), or `off`.
+pub fn mirror_cell(s: &NodeStatus) -> String {
+    if !s.mirror_enabled {
+        "off".to_string()
+    } else {
+        format!("_synced={}", u8::from(s.mirror_synced))
+    }
+}
+
+/// `RUNNING restored/total`, `FINISH`, or `-` when not in recovery mode.
+pub fn recovery_text(s: &NodeStatus) -> String {
+    match s.recovery_state.as_str() {
+        "RUNNING" => format!("RUNNING {}/{}", s.recovery_restored, s.recovery_total),
+        "FINISH" => "FINISH".to_string(),
+        _ => "-".to_string(),
+    }
+}
+
+/// The mirror's details per node, under the table of `--detail`.
+pub fn mirror_details(reports: &[NodeReport]) -> String {
+    let mut out = String::new();
+    for r in reports {
+        let Ok(s) = &r.status else { continue };
+        let id = r.id().map_or_else(|| "?".to_string(), |i| i.to_string());
+        if s.mirror_enabled {
+            out.push_str(&format!(
+                "node {id}: mirror _synced={} shipped={} lag={} entries/{:.1}s backlog={} table={} epoch={} \
+                 owner={} state={}\n",
+                u8::from(s.mirror_synced),
+                s.mirror_shipped_index,
+                s.mirror_lag_entries,
+                s.mirror_lag_ms as f64 / 1000.0,
+                s.mirror_backlog,
+                s.mirror_table,
+                s.mirror_epoch,
+                if s.mirror_owner.is_empty() {
+                    "-"
+                } else {
+                    &s.mirror_owner
+                },
+                s.mirror_state,
+            ));
+            if !s.mirror_error.is_empty() {
+                out.push_str(&format!("node {id}: mirror last error: {}\n", s.mirror_error));
+            }
+        }
+        if !s.recovery_state.is_empty() && s.recovery_state != "LEFT" {
+            out.push_str(&format!("node {id}: recovery {}\n", recovery_text(s)));
+        }
+    }
+    out
 }
 
 /// Left-aligned columns separated by two spaces, no trailing blanks.

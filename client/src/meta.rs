@@ -53,6 +53,9 @@ pub struct MetaClient {
 struct Inner {
     addresses: Vec<String>,
     timeout: Duration,
+    /// Longest one attempt may take (`ATTEMPT_TIMEOUT` unless a slow admin
+    /// call asked for more).
+    attempt_timeout: Duration,
     session_timeout: Duration,
     state: Mutex<State>,
     /// The current session; replaced by a fresh one when metad says it expired.
@@ -146,20 +149,38 @@ impl MetaClient {
     /// A client of the metad nodes at `addresses` (host:port). Nothing is
     /// dialed until the first call. `timeout` bounds each call, retries included.
     pub fn new(addresses: Vec<String>, timeout: Duration) -> MetaClient {
-        MetaClient::build(addresses, timeout, DEFAULT_SESSION_TIMEOUT)
+        MetaClient::build(addresses, timeout, ATTEMPT_TIMEOUT, DEFAULT_SESSION_TIMEOUT)
+    }
+
+    /// A client for one slow admin call (a whole-table comparison, say):
+    /// each attempt, and the call, may take up to `timeout`, where the
+    /// normal client gives up on an attempt after `ATTEMPT_TIMEOUT`.
+    pub fn for_slow_calls(addresses: Vec<String>, timeout: Duration) -> MetaClient {
+        MetaClient::build(addresses, timeout, timeout, DEFAULT_SESSION_TIMEOUT)
     }
 
     /// The same client with another session timeout (`client.session-timeout-ms`).
     /// Call before the first request: it starts a fresh session.
     pub fn with_session_timeout(self, session_timeout: Duration) -> MetaClient {
-        MetaClient::build(self.inner.addresses.clone(), self.inner.timeout, session_timeout)
+        MetaClient::build(
+            self.inner.addresses.clone(),
+            self.inner.timeout,
+            self.inner.attempt_timeout,
+            session_timeout,
+        )
     }
 
-    fn build(addresses: Vec<String>, timeout: Duration, session_timeout: Duration) -> MetaClient {
+    fn build(
+        addresses: Vec<String>,
+        timeout: Duration,
+        attempt_timeout: Duration,
+        session_timeout: Duration,
+    ) -> MetaClient {
         MetaClient {
             inner: Arc::new(Inner {
                 addresses,
                 timeout,
+                attempt_timeout,
                 session_timeout,
                 state: Mutex::new(State {
                     channels: HashMap::new(),
@@ -382,7 +403,7 @@ impl MetaClient {
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
             let outcome = tokio::select! {
-                r = tokio::time::timeout(remaining.min(ATTEMPT_TIMEOUT), attempt(stub(ch))) => match r {
+                r = tokio::time::timeout(remaining.min(self.inner.attempt_timeout), attempt(stub(ch))) => match r {
                     Ok(Ok(reply)) => {
                         self.note_leader(&addr);
                         return Ok(reply.into_inner());

@@ -65,6 +65,57 @@ pub struct Config {
     pub session_timeout: Duration,
     pub attr_timeout: Duration,
     pub entry_timeout: Duration,
+    /// Ship every committed change to the table store (DESIGN §7).
+    pub mirror_enabled: bool,
+    /// Start as a recovery cluster: restore from the table store, read-only.
+    pub recovery_mode: bool,
+    pub dynamodb: DynamoConfig,
+}
+
+/// Where the table-store mirror writes, and as whom.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DynamoConfig {
+    /// `http://host:port` of a DynamoDB-compatible server; `None` = AWS.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub table_prefix: String,
+    /// Static credentials; `None` = the standard AWS chain (environment,
+    /// profile, instance role).
+    pub access_key: Option<String>,
+    pub access_secret: Option<Secret>,
+    /// Applied-but-unshipped entries kept on each metad (the mirror's
+    /// backlog); past it the mirror exports the whole namespace again.
+    pub max_backlog_entries: u64,
+}
+
+impl Default for DynamoConfig {
+    fn default() -> Self {
+        DynamoConfig {
+            endpoint: None,
+            region: "us-east-1".into(),
+            table_prefix: "jfs_".into(),
+            access_key: None,
+            access_secret: None,
+            max_backlog_entries: 1_000_000,
+        }
+    }
+}
+
+/// A credential: kept out of `Debug` output, and so out of every log line
+/// and error message that formats a config.
+#[derive(Clone, PartialEq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl Default for Config {
@@ -94,6 +145,9 @@ impl Default for Config {
             session_timeout: Duration::from_secs(60),
             attr_timeout: Duration::from_secs(1),
             entry_timeout: Duration::from_secs(1),
+            mirror_enabled: false,
+            recovery_mode: false,
+            dynamodb: DynamoConfig::default(),
         }
     }
 }
@@ -191,7 +245,60 @@ const KEYS: &[(&str, Setter)] = &[
         c.entry_timeout = as_ms(v, 0, 3_600_000)?;
         Ok(())
     }),
+    ("namespace.backend.raft.async.dynamodb.enabled", |c, v| {
+        c.mirror_enabled = as_bool(v)?;
+        Ok(())
+    }),
+    ("namespace.backend.raft.recovery.mode", |c, v| {
+        c.recovery_mode = as_bool(v)?;
+        Ok(())
+    }),
+    ("namespace.dynamodb.endpoint", |c, v| {
+        let e = as_str(v)?;
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            return Err(format!("{e:?} is not an http:// or https:// URL"));
+        }
+        c.dynamodb.endpoint = Some(e.to_string());
+        Ok(())
+    }),
+    ("namespace.dynamodb.region", |c, v| {
+        let r = as_str(v)?;
+        if r.is_empty() {
+            return Err("must not be empty (e.g. \"us-east-1\")".into());
+        }
+        c.dynamodb.region = r.to_string();
+        Ok(())
+    }),
+    ("namespace.dynamodb.table-prefix", |c, v| {
+        let p = as_str(v)?;
+        // DynamoDB table names: 3-255 of [a-zA-Z0-9_.-]; the namespace name
+        // (up to 64) and ".meta" follow the prefix.
+        if p.len() > 180 || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) {
+            return Err(format!(
+                "{p:?}: use up to 180 characters from a-z, A-Z, 0-9, '_', '.' and '-'"
+            ));
+        }
+        c.dynamodb.table_prefix = p.to_string();
+        Ok(())
+    }),
+    ("namespace.dynamodb.access-key", |c, v| {
+        c.dynamodb.access_key = Some(as_str(v)?.to_string());
+        Ok(())
+    }),
+    ("namespace.dynamodb.access-secret", |c, v| {
+        c.dynamodb.access_secret = Some(Secret(as_str(v)?.to_string()));
+        Ok(())
+    }),
+    ("namespace.dynamodb.max-backlog-entries", |c, v| {
+        c.dynamodb.max_backlog_entries = as_int(v, 1000, 1 << 40)?;
+        Ok(())
+    }),
 ];
+
+fn as_bool(v: &toml::Value) -> Result<bool, String> {
+    v.as_bool()
+        .ok_or_else(|| format!("expected true or false, got {}", v.type_str()))
+}
 
 fn as_str(v: &toml::Value) -> Result<&str, String> {
     v.as_str()
@@ -301,6 +408,13 @@ impl Config {
                 problem,
             })?;
         }
+        if cfg.dynamodb.access_key.is_some() != cfg.dynamodb.access_secret.is_some() {
+            return Err(ConfigError::BadValue {
+                key: "namespace.dynamodb.access-key".into(),
+                problem: "set both access-key and access-secret, or neither (to use the standard AWS credential chain)"
+                    .into(),
+            });
+        }
         cfg.link_addresses()?;
         Ok(cfg)
     }
@@ -395,6 +509,31 @@ namespace.block-size = 1048576
         )
         .unwrap_err();
         assert!(e.to_string().contains("rpc-address"), "{e}");
+    }
+
+    #[test]
+    fn mirror_keys_parse_and_the_secret_stays_hidden() {
+        let c = parse(
+            r#"
+namespace.backend.raft.async.dynamodb.enabled = true
+namespace.dynamodb.endpoint = "http://127.0.0.1:8000"
+namespace.dynamodb.region = "eu-west-1"
+namespace.dynamodb.table-prefix = "prod_"
+namespace.dynamodb.access-key = "AKIDEXAMPLE"
+namespace.dynamodb.access-secret = "wJalrXUtnFEMI"
+"#,
+        )
+        .unwrap();
+        assert!(c.mirror_enabled && !c.recovery_mode);
+        assert_eq!(c.dynamodb.endpoint.as_deref(), Some("http://127.0.0.1:8000"));
+        assert_eq!(c.dynamodb.table_prefix, "prod_");
+        assert!(!format!("{c:?}").contains("wJalrXUtnFEMI"));
+        let e = parse("namespace.dynamodb.access-key = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("access-secret"), "{e}");
+        let e = parse("namespace.dynamodb.table-prefix = \"a b\"\n").unwrap_err();
+        assert!(e.to_string().contains("table-prefix"), "{e}");
+        let e = parse("namespace.backend.raft.recovery.mode = 1\n").unwrap_err();
+        assert!(e.to_string().contains("true or false"), "{e}");
     }
 
     #[test]

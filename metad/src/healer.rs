@@ -560,6 +560,10 @@ pub async fn run(healer: Arc<Healer>, raft: Raft, me: NodeId, mut stop: tokio::s
         if !leader || !healer.warm(term) {
             continue;
         }
+        // A restore is filling the block table in: nothing to judge yet.
+        if namespace::recovery_state(&healer.view).is_ok_and(|r| r.is_some_and(|r| !r.finished)) {
+            continue;
+        }
         match healer.round() {
             Ok(ops) => propose_all(&raft, ops).await,
             Err(e) => warn!("block healing round failed reading the block table: {e}"),

@@ -24,6 +24,12 @@
 //! | `F` ns `x` ino name         | xattr value                    |
 //! | `F` ns `o` ino              | open-unlinked (orphan) inode   |
 //! | `F` ns `m` name             | namespace counters and record  |
+//! | `M` name                    | the mirror's own state (epoch, recovery) |
+//!
+//! The table-store mirror ships every key of the `F` tables (but locks) to
+//! the namespace's table and the cluster-wide `C`, `N`, `K`, `B`, `G` keys to
+//! the cluster table; sessions (`S`, `L`, `Y`, `Z`, `O`, `Q`) and locks live
+//! and die with the clients of one cluster and are not shipped.
 
 pub const CLUSTER_ID: &[u8] = b"Ccluster_id";
 pub const NEXT_BLOCK: &[u8] = b"Cnext_block";
@@ -42,6 +48,35 @@ pub const GARBAGE: &[u8] = b"G";
 /// cluster-wide too: a block report (ids in a range) is one key range.
 pub const BLOCKS: &[u8] = b"K";
 pub const BLOCKDS: &[u8] = b"B";
+
+/// The epoch under which this cluster owns its mirror tables (absent: it
+/// never took them).
+pub const MIRROR_EPOCH: &[u8] = b"Mepoch";
+/// Recovery state (`RecoveryRec`); present from the start of a restore until
+/// the cluster leaves recovery mode, and every namespace is read-only while
+/// it is.
+pub const RECOVERY: &[u8] = b"Mrecovery";
+
+/// Where the mirror sends a state-machine key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MirrorTarget {
+    Namespace(u32),
+    Cluster,
+}
+
+pub fn mirror_target(key: &[u8]) -> Option<MirrorTarget> {
+    match key.first()? {
+        b'F' => {
+            let ns = u32::from_be_bytes(key.get(1..5)?.try_into().ok()?);
+            // Locks belong to sessions, which are not shipped.
+            (*key.get(5)? != b'k').then_some(MirrorTarget::Namespace(ns))
+        }
+        // Membership history belongs to this cluster's Raft group.
+        b'C' => (key != SEEN_MEMBERS).then_some(MirrorTarget::Cluster),
+        b'N' | b'K' | b'B' | b'G' => Some(MirrorTarget::Cluster),
+        _ => None,
+    }
+}
 
 pub fn block(block_id: u64) -> Vec<u8> {
     cat(&[BLOCKS, &block_id.to_be_bytes()])
@@ -187,6 +222,22 @@ mod tests {
         assert!(dirent(1, 2, b"a") < dirent(1, 2, b"b"));
         assert!(a.starts_with(&dir_prefix(1, 2)));
         assert_eq!(&a[DIRENT_NAME_OFFSET..], b"zz");
+    }
+
+    #[test]
+    fn the_mirror_ships_namespace_and_cluster_state_but_not_sessions() {
+        assert_eq!(mirror_target(&inode(7, 1)), Some(MirrorTarget::Namespace(7)));
+        assert_eq!(mirror_target(&dirent(7, 1, b"a")), Some(MirrorTarget::Namespace(7)));
+        assert_eq!(mirror_target(&locks(7, 1)), None);
+        assert_eq!(mirror_target(&block(9)), Some(MirrorTarget::Cluster));
+        assert_eq!(mirror_target(&namespace("a")), Some(MirrorTarget::Cluster));
+        assert_eq!(mirror_target(CLUSTER_ID), Some(MirrorTarget::Cluster));
+        assert_eq!(mirror_target(SEEN_MEMBERS), None);
+        assert_eq!(mirror_target(&session(3)), None);
+        assert_eq!(mirror_target(&session_reply(3, 4)), None);
+        assert_eq!(mirror_target(&orphan_owner(3, 7, 1)), None);
+        assert_eq!(mirror_target(MIRROR_EPOCH), None);
+        assert_eq!(mirror_target(RECOVERY), None);
     }
 
     #[test]

@@ -14,12 +14,15 @@ mod keys;
 mod kv;
 mod lease;
 mod membership;
+mod mirror;
 mod namespace;
 mod raft_network;
 mod raft_store;
 mod raft_types;
+mod recovery;
 mod service;
 mod session_reaper;
+mod table_store;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -254,7 +257,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     })?;
 
     let log_store = raft_store::LogStore::new(db.clone());
-    let sm = raft_store::StateMachine::new(db.clone(), &data_dir).map_err(|e| anyhow!("{e}"))?;
+    let sm = raft_store::StateMachine::new(db.clone(), &data_dir, cfg.mirror_enabled || cfg.recovery_mode)
+        .map_err(|e| anyhow!("{e}"))?;
     let view = sm.view();
     let rcfg = Arc::new(raft_config(&cfg)?);
     let lease = Arc::new(lease::LeaseTracker::default());
@@ -367,7 +371,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let leader_contact = Arc::new(raft_network::LeaderContact::default());
     let healer = Arc::new(healer::Healer::new(cfg.clone(), blockds.clone(), view.clone()));
 
+    // The table store: for the mirror, and for a restore in recovery mode.
+    let store = if cfg.mirror_enabled || cfg.recovery_mode {
+        Some(Arc::new(table_store::TableStore::connect(&cfg.dynamodb).await))
+    } else {
+        None
+    };
+    let mirror = match (&store, cfg.mirror_enabled) {
+        (Some(st), true) => Some(Arc::new(mirror::Mirror::new(
+            raft.clone(),
+            args.node_id,
+            view.clone(),
+            cfg.clone(),
+            st.clone(),
+        ))),
+        _ => None,
+    };
+
     let view_for_members = view.clone();
+    let view_for_recovery = view.clone();
     let meta = service::MetaService {
         raft: raft.clone(),
         lease,
@@ -381,6 +403,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         healer: healer.clone(),
         membership,
         leader_contact: leader_contact.clone(),
+        mirror: mirror.clone(),
     };
     let rpc_addr = resolve(&me.rpc_addr).await?;
     let raft_addr = resolve(&me.raft_addr).await?;
@@ -448,6 +471,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cfg.session_timeout,
         stop_rx_healer.clone(),
     ));
+    let mirroring = mirror.map(|m| tokio::spawn(m.run(stop_rx_healer.clone())));
+    let recovering = tokio::spawn(recovery::run(
+        raft.clone(),
+        args.node_id,
+        view_for_recovery,
+        cfg.clone(),
+        store,
+        stop_rx_healer.clone(),
+    ));
     let healing = tokio::spawn(healer::run(healer, raft.clone(), args.node_id, stop_rx_healer));
     if let Some(addr) = join {
         tokio::spawn(join_cluster(addr, args.node_id, me.clone()));
@@ -462,6 +494,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), recording).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), gate).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), reaping).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), recovering).await;
+    if let Some(m) = mirroring {
+        let _ = tokio::time::timeout(Duration::from_secs(5), m).await;
+    }
     db.flush_wal(true).ok();
     Ok(())
 }

@@ -23,7 +23,7 @@ use jfs_common::slices::{self, Slice};
 
 use crate::raft_types::{
     ApplyResult, AttrRec, BlockInfo, BlockdRec, BlockdState, ChunkRec, Command, LockRec, NamespaceRec, NewBlock, Op,
-    Reply, SessionRec, TimeSet, LOCK_UNLOCK, LOCK_WRITE,
+    RecoveryRec, Reply, SessionRec, TimeSet, LOCK_UNLOCK, LOCK_WRITE,
 };
 
 pub const ROOT_INO: u64 = 1;
@@ -210,6 +210,16 @@ pub fn seen_members<R: KvRead + ?Sized>(kv: &R) -> Result<Vec<u64>, KvError> {
         .map(|v| decode("seen members", &v))
         .transpose()?
         .unwrap_or_default())
+}
+
+/// Recovery progress; `None` when the cluster is not in recovery mode.
+pub fn recovery_state<R: KvRead + ?Sized>(kv: &R) -> Result<Option<RecoveryRec>, KvError> {
+    kv.get(keys::RECOVERY)?.map(|v| decode("recovery", &v)).transpose()
+}
+
+/// The epoch under which this cluster owns its mirror tables (0: never).
+pub fn mirror_epoch<R: KvRead + ?Sized>(kv: &R) -> Result<u64, KvError> {
+    get_u64(kv, keys::MIRROR_EPOCH)
 }
 
 pub fn cluster_id<R: KvRead + ?Sized>(kv: &R) -> Result<Option<String>, KvError> {
@@ -617,6 +627,9 @@ fn expired_sessions<R: KvRead + ?Sized>(t: &Txn<'_, R>, now: i64, limit: usize) 
     Ok(out)
 }
 
+/// How far block ids jump at the end of a restore (see `restore_finish`).
+const RESTORE_BLOCK_ID_GAP: u64 = 1 << 32;
+
 /// How many sessions one `ExpireSessions` ends at most (the rest wait for
 /// the next one, a second later): keeps each command small.
 const EXPIRE_BATCH: usize = 1000;
@@ -639,6 +652,31 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
 }
 
 fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<Reply> {
+    if let Some(r) = t.get(keys::RECOVERY)? {
+        let r: RecoveryRec = decode("recovery", &r)?;
+        if r.active() {
+            // Nothing may change the restored namespaces; while the restore
+            // runs, nothing may change the block table it is filling in either
+            // (a block not restored yet would look unreferenced).
+            let refused = cmd.op.namespace().is_some()
+                || matches!(
+                    cmd.op,
+                    Op::CreateNamespace { .. } | Op::SetReplication { .. } | Op::AllocateBlocks { .. }
+                )
+                || (!r.finished
+                    && matches!(
+                        cmd.op,
+                        Op::AddReplica { .. }
+                            | Op::DropReplicas { .. }
+                            | Op::ForgetGarbage { .. }
+                            | Op::AbandonBlocks { .. }
+                            | Op::SetOrphanFloor { .. }
+                    ));
+            if refused {
+                return Err(FsError::RecoveryReadOnly.into());
+            }
+        }
+    }
     if let Some(ns) = cmd.op.namespace() {
         let rec = namespace_by_id(&*t, ns)?.ok_or_else(|| FsError::NamespaceNotFound(format!("id {ns}")))?;
         if rec.recovery_mode {
@@ -864,6 +902,42 @@ fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<R
             start,
             end,
         } => c.set_lock(*ns, *ino, *owner, *pid, *typ, *start, *end),
+        Op::MirrorOwned { epoch } => {
+            if *epoch > txn_u64(c.t, keys::MIRROR_EPOCH)? {
+                c.t.put(keys::MIRROR_EPOCH.to_vec(), encode(epoch));
+            }
+            Ok(Reply::Ok)
+        }
+        Op::RestoreBegin { total } => c.restore_begin(*total),
+        Op::RestoreRows {
+            writes,
+            restored,
+            total,
+        } => c.restore_rows(writes, *restored, *total),
+        Op::RestoreFinish => c.restore_finish(),
+        Op::RecoveryLeave => {
+            match c
+                .t
+                .get(keys::RECOVERY)?
+                .map(|r| decode::<RecoveryRec>("recovery", &r))
+                .transpose()?
+            {
+                None => {}
+                Some(mut r) if r.finished => {
+                    r.left = true;
+                    c.t.put(keys::RECOVERY.to_vec(), encode(&r));
+                }
+                Some(_) => {
+                    return Err(FsError::InvalidArgument(
+                        "the restore has not finished: wait for FINISH (`jfs admin recovery wait`), then leave \
+                         recovery mode"
+                            .into(),
+                    )
+                    .into())
+                }
+            }
+            Ok(Reply::Ok)
+        }
         Op::ExpireSessions => {
             for client in expired_sessions(c.t, c.now, EXPIRE_BATCH)? {
                 end_session(c.t, client)?;
@@ -956,6 +1030,95 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
         d.nlink = (d.nlink as i64 + nlink_delta as i64).max(0) as u32;
         self.put_inode(ns, ino, &d);
         Ok(())
+    }
+
+    /// Clears what a fresh cluster wrote before its restore: every key the
+    /// mirror ships (the restore brings them all back), except the clock,
+    /// which must not go back.
+    fn restore_begin(&mut self, total: u64) -> NsResult<Reply> {
+        for prefix in [b"F", b"C", b"N", b"K", b"B", b"G"] {
+            for (k, _) in self.t.scan(prefix, None, usize::MAX)? {
+                if keys::mirror_target(&k).is_some() && k != keys::LAST_NOW {
+                    self.t.delete(k);
+                }
+            }
+        }
+        let rec = RecoveryRec {
+            finished: false,
+            restored: 0,
+            total,
+            left: false,
+        };
+        self.t.put(keys::RECOVERY.to_vec(), encode(&rec));
+        Ok(Reply::Ok)
+    }
+
+    fn restore_rows(&mut self, writes: &[(Vec<u8>, Option<Vec<u8>>)], restored: u64, total: u64) -> NsResult<Reply> {
+        let mut rec: RecoveryRec = match self.t.get(keys::RECOVERY)? {
+            Some(r) => decode("recovery", &r)?,
+            None => {
+                return Err(FsError::InvalidArgument("restored rows arrived outside a restore".into()).into());
+            }
+        };
+        for (k, v) in writes {
+            if keys::mirror_target(k).is_none() {
+                return Err(
+                    FsError::InvalidArgument(format!("the table store holds a row with a foreign key {k:?}")).into(),
+                );
+            }
+            match v {
+                Some(v) if k == keys::LAST_NOW => {
+                    let old = txn_u64(self.t, keys::LAST_NOW)?;
+                    let new: u64 = decode("clock", v)?;
+                    self.t.put(k.clone(), encode(&old.max(new)));
+                }
+                Some(v) => self.t.put(k.clone(), v.clone()),
+                None if k == keys::LAST_NOW => {}
+                None => self.t.delete(k.clone()),
+            }
+        }
+        rec.restored = rec.restored.max(restored);
+        rec.total = rec.total.max(total).max(rec.restored);
+        self.t.put(keys::RECOVERY.to_vec(), encode(&rec));
+        Ok(Reply::Ok)
+    }
+
+    /// Ends a restore. Files the old cluster's clients held open after
+    /// unlinking them are released (their sessions did not come along), and
+    /// block ids jump far past the restored counter: the old cluster may
+    /// have handed out ids the mirror had not shipped yet, and blockds may
+    /// hold blocks under them.
+    fn restore_finish(&mut self) -> NsResult<Reply> {
+        let Some(r) = self.t.get(keys::RECOVERY)? else {
+            return Err(FsError::InvalidArgument("no restore is running".into()).into());
+        };
+        let mut rec: RecoveryRec = decode("recovery", &r)?;
+        let namespaces: Vec<u32> = self
+            .t
+            .scan(keys::NAMESPACES, None, usize::MAX)?
+            .iter()
+            .map(|(_, v)| decode::<NamespaceRec>("namespace", v).map(|n| n.id))
+            .collect::<Result<_, _>>()?;
+        for ns in namespaces {
+            let prefix = keys::orphan(ns, 0)[..6].to_vec();
+            for (k, _) in self.t.scan(&prefix, None, usize::MAX)? {
+                if let Some(ino) = keys::be_u64_at(&k, 6) {
+                    match self.release_orphan(ns, ino) {
+                        Ok(_) | Err(NsError::Fs(_)) => {}
+                        Err(NsError::Storage(e)) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        let next = txn_u64(self.t, keys::NEXT_BLOCK)?;
+        self.t.put(
+            keys::NEXT_BLOCK.to_vec(),
+            encode(&next.saturating_add(RESTORE_BLOCK_ID_GAP)),
+        );
+        rec.finished = true;
+        rec.restored = rec.total.max(rec.restored);
+        self.t.put(keys::RECOVERY.to_vec(), encode(&rec));
+        Ok(Reply::Ok)
     }
 
     fn init_cluster(&mut self, cluster_id: &str) -> NsResult<Reply> {

@@ -322,9 +322,58 @@ pub enum Op {
         start: u64,
         end: u64,
     },
+    /// The mirror took its tables under `epoch` (a cluster that later finds
+    /// a higher epoch there has lost them to another cluster).
+    MirrorOwned {
+        epoch: u64,
+    },
+    /// Recovery: forget every mirrored key (what a fresh cluster made
+    /// before the restore) and make every namespace read-only.
+    RestoreBegin {
+        total: u64,
+    },
+    /// Recovery: rows read from the table store (`None` deletes), and how
+    /// many have been restored with these.
+    RestoreRows {
+        writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        restored: u64,
+        /// Rows to restore in all (an estimate, for progress).
+        total: u64,
+    },
+    /// Recovery: everything is restored; namespaces stay read-only until
+    /// `RecoveryLeave`.
+    RestoreFinish,
+    /// The operator ends recovery mode: namespaces become writable.
+    RecoveryLeave,
+}
+
+/// Recovery progress, replicated so that every node (and a new leader after
+/// a failover) reports the same state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryRec {
+    pub finished: bool,
+    pub restored: u64,
+    pub total: u64,
+    /// The operator ended recovery mode: the record stays so that a node
+    /// still configured with `recovery.mode = true` never restores again
+    /// over newer writes.
+    pub left: bool,
+}
+
+impl RecoveryRec {
+    /// Namespaces are read-only.
+    pub fn active(&self) -> bool {
+        !self.left
+    }
 }
 
 impl Op {
+    /// Ops whose writes are the restore itself: the mirror does not ship
+    /// them back to the tables they came from.
+    pub fn is_restore(&self) -> bool {
+        matches!(self, Op::RestoreBegin { .. } | Op::RestoreRows { .. })
+    }
+
     /// Ops that change a namespace (refused in recovery mode and on `ro`).
     pub fn namespace(&self) -> Option<u32> {
         use Op::*;
@@ -358,7 +407,12 @@ impl Op {
             | SetOrphanFloor { .. }
             | RecordMember { .. }
             | KeepAlive { .. }
-            | ExpireSessions => None,
+            | ExpireSessions
+            | MirrorOwned { .. }
+            | RestoreBegin { .. }
+            | RestoreRows { .. }
+            | RestoreFinish
+            | RecoveryLeave => None,
         }
     }
 }

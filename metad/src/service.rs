@@ -39,6 +39,8 @@ pub struct MetaService {
     pub membership: Arc<crate::membership::Membership>,
     /// When this node last heard from a leader (kept by the Raft service).
     pub leader_contact: Arc<crate::raft_network::LeaderContact>,
+    /// The table-store mirror, when this node has it enabled.
+    pub mirror: Option<Arc<crate::mirror::Mirror>>,
 }
 
 type Rpc<T> = Result<Response<T>, Status>;
@@ -250,9 +252,56 @@ impl MetaService {
     }
 
     fn namespace(&self, ns: u32) -> Result<NamespaceRec, Status> {
-        namespace::namespace_by_id(&self.view, ns)
+        let mut rec = namespace::namespace_by_id(&self.view, ns)
             .map_err(storage)?
-            .ok_or_else(|| FsError::NamespaceNotFound(format!("id {ns}")).into())
+            .ok_or_else(|| Status::from(FsError::NamespaceNotFound(format!("id {ns}"))))?;
+        rec.recovery_mode |= self.in_recovery()?;
+        Ok(rec)
+    }
+
+    /// The cluster is in recovery mode: every namespace is read-only.
+    fn in_recovery(&self) -> Result<bool, Status> {
+        Ok(namespace::recovery_state(&self.view)
+            .map_err(storage)?
+            .is_some_and(|r| r.active()))
+    }
+
+    fn ns_info(&self, r: &NamespaceRec) -> Result<rpc::NamespaceInfo, Status> {
+        let mut info = ns_to_rpc(r);
+        info.recovery_mode |= self.in_recovery()?;
+        Ok(info)
+    }
+
+    /// The mirror and recovery fields of `Status`.
+    fn mirror_and_recovery_status(&self) -> Result<rpc::NodeStatus, Status> {
+        let mut st = rpc::NodeStatus::default();
+        if let Some(m) = &self.mirror {
+            let s = m.status();
+            st.mirror_enabled = s.enabled;
+            st.mirror_synced = s.synced;
+            st.mirror_shipped_index = s.shipped;
+            st.mirror_lag_entries = s.lag_entries;
+            st.mirror_lag_ms = s.lag_ms;
+            st.mirror_backlog = s.backlog;
+            st.mirror_state = s.state;
+            st.mirror_error = s.last_error;
+            st.mirror_table = s.table;
+            st.mirror_owner = s.owner;
+            st.mirror_epoch = s.epoch;
+        }
+        if let Some(r) = namespace::recovery_state(&self.view).map_err(storage)? {
+            st.recovery_state = if r.left {
+                "LEFT"
+            } else if r.finished {
+                "FINISH"
+            } else {
+                "RUNNING"
+            }
+            .into();
+            st.recovery_restored = r.restored;
+            st.recovery_total = r.total;
+        }
+        Ok(st)
     }
 
     fn attr_reply(&self, r: Reply) -> Rpc<rpc::AttrReply> {
@@ -372,7 +421,7 @@ impl Meta for MetaService {
             if_not_exists: r.if_not_exists,
         };
         match self.propose(&r.hdr, op).await? {
-            Reply::Namespace(n) => Ok(Response::new(ns_to_rpc(&n))),
+            Reply::Namespace(n) => Ok(Response::new(self.ns_info(&n)?)),
             other => Err(unexpected(other)),
         }
     }
@@ -381,7 +430,7 @@ impl Meta for MetaService {
         self.linearizable().await?;
         let name = req.into_inner().name;
         match namespace::namespace_by_name(&self.view, &name).map_err(storage)? {
-            Some(n) => Ok(Response::new(ns_to_rpc(&n))),
+            Some(n) => Ok(Response::new(self.ns_info(&n)?)),
             None => Err(FsError::NamespaceNotFound(name).into()),
         }
     }
@@ -390,7 +439,7 @@ impl Meta for MetaService {
         self.linearizable().await?;
         let all = namespace::list_namespaces(&self.view).map_err(storage)?;
         Ok(Response::new(rpc::ListNamespacesReply {
-            namespaces: all.iter().map(ns_to_rpc).collect(),
+            namespaces: all.iter().map(|n| self.ns_info(n)).collect::<Result<_, _>>()?,
         }))
     }
 
@@ -837,6 +886,14 @@ impl Meta for MetaService {
             ))
             .into());
         }
+        // While a restore fills the block table in, a block not restored
+        // yet would look unknown: judge reports only once it is complete.
+        if namespace::recovery_state(&self.view)
+            .map_err(storage)?
+            .is_some_and(|r| !r.finished)
+        {
+            return Ok(Response::new(rpc::BlockReportReply {}));
+        }
         let ops = self.healer.on_report(&r).map_err(storage)?;
         for op in ops {
             self.propose(&None, op).await?;
@@ -943,7 +1000,7 @@ impl Meta for MetaService {
             replication: r.replication,
         };
         match self.propose(&r.hdr, op).await? {
-            Reply::Namespace(rec) => Ok(Response::new(ns_to_rpc(&rec))),
+            Reply::Namespace(rec) => Ok(Response::new(self.ns_info(&rec)?)),
             other => Err(unexpected(other)),
         }
     }
@@ -1017,7 +1074,52 @@ impl Meta for MetaService {
             last_log_term: last_log.map_or(0, |l| l.leader_id.term),
             sessions,
             saved_replies,
+            ..self.mirror_and_recovery_status()?
         }))
+    }
+
+    async fn mirror_verify(&self, _req: Request<rpc::MirrorVerifyRequest>) -> Rpc<rpc::MirrorVerifyReply> {
+        if !self.is_leader() {
+            return Err(not_leader(self.leader_node().as_ref()));
+        }
+        let Some(m) = &self.mirror else {
+            return Err(FsError::InvalidArgument(
+                "the table-store mirror is not enabled on this cluster (namespace.backend.raft.async.dynamodb.enabled)"
+                    .into(),
+            )
+            .into());
+        };
+        let r = m.verify().await.map_err(|e| match e {
+            crate::mirror::VerifyError::Retry(e) => FsError::Unavailable(e),
+            crate::mirror::VerifyError::Refused(e) => {
+                FsError::InvalidArgument(format!("cannot verify the mirror: {e}"))
+            }
+        })?;
+        Ok(Response::new(rpc::MirrorVerifyReply {
+            index: r.index,
+            rows: r.rows,
+            missing: r.missing,
+            extra: r.extra,
+            different: r.different,
+            log_items: r.log_items,
+            examples: r.examples,
+        }))
+    }
+
+    async fn recovery_finish(&self, req: Request<rpc::RecoveryFinishRequest>) -> Rpc<rpc::RecoveryFinishReply> {
+        let r = req.into_inner();
+        match namespace::recovery_state(&self.view).map_err(storage)? {
+            None => {
+                return Err(FsError::InvalidArgument(
+                    "this cluster is not in recovery mode (it never restored from the table store)".into(),
+                )
+                .into())
+            }
+            Some(rec) if rec.left => return Ok(Response::new(rpc::RecoveryFinishReply {})),
+            Some(_) => {}
+        }
+        self.propose(&r.hdr, Op::RecoveryLeave).await?;
+        Ok(Response::new(rpc::RecoveryFinishReply {}))
     }
 
     async fn set_lock(&self, req: Request<rpc::SetLockRequest>) -> Rpc<rpc::SetLockReply> {

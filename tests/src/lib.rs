@@ -377,7 +377,9 @@ fn reserve_ip() -> (String, File) {
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             continue;
         }
-        let ports = [8101, 8103, 8104, 8111, 8113, 8114, 8121, 8123, 8124, 8201, 8211, 8221];
+        let ports = [
+            8101, 8103, 8104, 8111, 8113, 8114, 8121, 8123, 8124, 8201, 8211, 8221, 8301, 8302,
+        ];
         if ports
             .iter()
             .all(|p| std::net::TcpListener::bind((ip.as_str(), *p)).is_ok())
@@ -416,11 +418,24 @@ pub struct Cluster {
     _ip_lock: File,
     watchdog: Option<mpsc::Sender<()>>,
     extra: AtomicU32,
+    /// Runs the table store and mirrors metadata to it (`jfs local up`'s
+    /// default; the other tests leave it out to stay light).
+    pub mirror: bool,
 }
 
 impl Cluster {
-    /// Starts a fresh cluster and waits until its mount is usable.
+    /// Starts a fresh cluster (without the table-store mirror) and waits
+    /// until its mount is usable.
     pub fn start() -> Cluster {
+        Cluster::start_opts(false)
+    }
+
+    /// Starts a fresh cluster with the table store and the mirror.
+    pub fn start_with_mirror() -> Cluster {
+        Cluster::start_opts(true)
+    }
+
+    fn start_opts(mirror: bool) -> Cluster {
         let name = test_name();
         let base = std::env::var_os("JFS_TEST_TMPDIR")
             .map(PathBuf::from)
@@ -448,6 +463,7 @@ impl Cluster {
             _ip_lock: lock,
             watchdog: None,
             extra: AtomicU32::new(0),
+            mirror,
         };
         c.watchdog = Some(start_watchdog(c.name.clone(), c.root.clone(), c.state.clone()));
         let t0 = Instant::now();
@@ -491,8 +507,65 @@ impl Cluster {
     /// not mounted), then waits until the mount is usable.
     pub fn local_up(&self) {
         let (state, mnt) = (s(&self.state), s(&self.mnt));
-        self.jfs_ok(&["local", "up", "--dir", &state, "--ip", &self.ip, &mnt]);
-        self.wait_usable(Duration::from_secs(60));
+        let mut args = vec!["local", "up", "--dir", &state, "--ip", &self.ip, &mnt];
+        if !self.mirror {
+            args.push("--no-mirror");
+        }
+        self.jfs_ok(&args);
+        if namespace_read_only(&self.conf()) {
+            wait_mount_usable(&self.mnt, Duration::from_secs(60), false, &|| self.log_tails());
+        } else {
+            self.wait_usable(Duration::from_secs(60));
+        }
+    }
+
+    /// `jfs local down --drop-metadata`: the whole metadata cluster is lost;
+    /// blockd data and the table store remain.
+    pub fn drop_metadata(&self) {
+        self.jfs_ok(&["local", "down", "--drop-metadata", "--dir", &s(&self.state)]);
+        assert!(
+            !is_mounted(&self.mnt),
+            "{} still mounted after local down",
+            self.mnt.display()
+        );
+    }
+
+    /// `jfs local up --recovery`: a new metadata cluster restores from the
+    /// table store; returns once FINISH and the (read-only) mount answers.
+    pub fn local_up_recovery(&self) {
+        let (state, mnt) = (s(&self.state), s(&self.mnt));
+        self.jfs_ok(&["local", "up", "--recovery", "--dir", &state, "--ip", &self.ip, &mnt]);
+        wait_mount_usable(&self.mnt, Duration::from_secs(60), false, &|| self.log_tails());
+    }
+
+    /// `jfs metastatus --detail` output.
+    pub fn metastatus_detail(&self) -> String {
+        self.jfs_ok(&["metastatus", "--detail", "--dir", &s(&self.state)])
+    }
+
+    /// Waits until every metad reports `_synced=1` (the mirror has shipped
+    /// everything each one applied).
+    pub fn wait_synced(&self, timeout: Duration) {
+        let mut last = String::new();
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            let out = self.jfs(&["metastatus", "--detail", "--dir", &s(&self.state)]);
+            last = out.stdout.clone();
+            let rows: Vec<&str> = out
+                .stdout
+                .lines()
+                .skip(1)
+                .take_while(|l| !l.trim().is_empty())
+                .collect();
+            if out.success() && rows.len() == 3 && rows.iter().all(|r| r.contains("_synced=1")) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(250));
+        }
+        panic!(
+            "the mirror did not report _synced=1 on every node within {timeout:?}:\n{last}{}",
+            self.log_tails()
+        );
     }
 
     /// Stops the cluster, appends `line` (a `key = value` setting) to its
@@ -1054,6 +1127,14 @@ impl Drop for Cluster {
 
 /// Waits until `mnt` is mounted and answers: a probe file is created, read
 /// back and removed (or, on a read-only mount, the root is listed).
+/// Whether the cluster's config puts it in recovery mode (read-only).
+fn namespace_read_only(conf: &Path) -> bool {
+    fs::read_to_string(conf).is_ok_and(|t| {
+        t.lines()
+            .any(|l| l.replace(' ', "") == "namespace.backend.raft.recovery.mode=true")
+    })
+}
+
 fn wait_mount_usable(mnt: &Path, timeout: Duration, writable: bool, context: &dyn Fn() -> String) {
     let probe = mnt.join(format!(".jfs-test-probe-{}", std::process::id()));
     let start = Instant::now();

@@ -74,7 +74,7 @@ JFS_BLOCKD_BIN="$JFS_BIN_DIR/jfs-blockd" cargo test --release -p jfs-blockd -- -
 echo "test.sh: integration tests"
 # Two tests at a time (each runs a 7-process cluster); the time limit keeps a
 # hung mount from eating the whole CI budget.
-timeout --kill-after=60 45m cargo test --release -p jfs-tests --no-fail-fast -- --test-threads=2 "$@" || status=1
+timeout --kill-after=60 65m cargo test --release -p jfs-tests --no-fail-fast -- --test-threads=2 "$@" || status=1
 
 if ((status)); then
     echo "test.sh: FAILED (see the failures above; logs of failed integration tests are in /tmp/jfs-test-failures/)" >&2

@@ -107,6 +107,11 @@ EOF"#);
     eprintln!("recovery to FINISH and mount: {:.1}s", t2.elapsed().as_secs_f64());
     let detail = c.metastatus_detail();
     assert!(detail.contains("FINISH"), "no FINISH in metastatus --detail:\n{detail}");
+    let waited = c.jfs_ok(&["--conf", &conf, "admin", "recovery", "wait", "--timeout", "60"]);
+    assert!(
+        waited.contains("FINISH: ") && waited.contains("rows restored"),
+        "`jfs admin recovery wait` after FINISH said:\n{waited}"
+    );
 
     assert_eq!(c.jfs_ok(&["--conf", &conf, "fs", "count", "jfs://default/"]), count);
     assert_eq!(tree_listing(&c.mnt), listing, "ls -lR differs after recovery");
@@ -129,6 +134,12 @@ EOF"#);
 
     // Leave recovery mode online: writes work on the same mount.
     c.jfs_ok(&["--conf", &conf, "admin", "recovery", "finish"]);
+    let out = c.jfs(&["--conf", &conf, "admin", "recovery", "wait", "--timeout", "60"]);
+    assert!(
+        !out.success() && out.stderr.contains("already left recovery mode"),
+        "`jfs admin recovery wait` after leaving recovery mode:\n{}",
+        out.describe()
+    );
     fs::write(c.path("after-recovery"), b"written after recovery").expect("write after leaving recovery mode");
     fs::remove_file(c.path("d3/f4")).expect("rm after leaving recovery mode");
 

@@ -506,6 +506,7 @@ impl BlockStore {
         };
         if existed {
             self.count.fetch_sub(1, Ordering::Relaxed);
+            metrics::counter!("jfs_blockd_blocks_deleted_total").increment(1);
         }
         match fs::remove_file(&blk_path) {
             Ok(()) => {}
@@ -612,6 +613,7 @@ impl BlockStore {
 fn corrupt_error(root: &Path, id: u64, what: String) -> FsError {
     let msg = format!("block {id} ({}) on blockd {}: {what}", block_name(id), root.display());
     warn!("{msg}");
+    metrics::counter!("jfs_blockd_checksum_failures_total").increment(1);
     FsError::Corrupt(msg)
 }
 
@@ -793,6 +795,8 @@ impl PendingBlock {
         let dir = store.subdir(id);
         fsync_dir(&dir).map_err(|e| io_error(format!("cannot sync directory {}", dir.display()), e))?;
         debug!(block = id, len = self.total_len, replaced, "block stored");
+        metrics::counter!("jfs_blockd_blocks_written_total").increment(1);
+        metrics::counter!("jfs_blockd_disk_written_bytes_total").increment(self.total_len);
         Ok(WrittenBlock {
             len: self.total_len,
             crc32c: block_crc,
@@ -871,6 +875,9 @@ impl BlockReader {
                 ));
             }
         }
+        // Client reads, copies to other blockds and the scrubber alike.
+        metrics::counter!("jfs_blockd_block_reads_total").increment(1);
+        metrics::counter!("jfs_blockd_disk_read_bytes_total").increment(buf.len() as u64);
         buf.truncate((end - start) as usize);
         let skip = (offset - start) as usize;
         if skip > 0 {

@@ -472,6 +472,11 @@ impl<C: MetaCaller> Heartbeat<C> {
                 }
             }
         };
+        // The heartbeat already measures the disk: the gauges ride along.
+        metrics::gauge!("jfs_blockd_capacity_bytes").set(space.capacity_bytes as f64);
+        metrics::gauge!("jfs_blockd_free_bytes").set(space.free_bytes as f64);
+        metrics::gauge!("jfs_blockd_used_bytes").set(space.capacity_bytes.saturating_sub(space.free_bytes) as f64);
+        metrics::gauge!("jfs_blockd_blocks").set(self.store.block_count() as f64);
         let mut req = self.request(space);
         self.finder.tell_followers(&req);
         let changes = self.report.outgoing();

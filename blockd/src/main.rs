@@ -52,12 +52,17 @@ struct Args {
     /// Address to serve on; also the address advertised to metad, so it must be reachable by clients.
     #[arg(long = "listen", value_name = "HOST:PORT")]
     listen: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics ("" = off)
+    /// [default: blockd.metrics-address, 0.0.0.0:9420].
+    #[arg(long = "metrics-listen", value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 /// A start-up failure: the message for the operator and the exit code.
 struct Fatal(String, u8);
 
 fn main() -> ExitCode {
+    jfs_common::manpage::exit_if_requested(<Args as clap::CommandFactory>::command);
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -152,8 +157,64 @@ fn run(args: Args) -> Result<(), Fatal> {
         .thread_name("blockd")
         .build()
         .map_err(|e| Fatal(format!("cannot start the async runtime: {e}"), 1))?;
-    rt.block_on(serve(args.listen, cfg, store, state))
+    let metrics_addr = args
+        .metrics_listen
+        .unwrap_or_else(|| cfg.blockd_metrics_address.clone());
+    rt.block_on(async {
+        if jfs_common::telemetry::start(&metrics_addr, "blockd").is_some() {
+            jfs_common::telemetry::describe(METRICS);
+        }
+        serve(args.listen, cfg, store, state).await
+    })
 }
+
+use jfs_common::telemetry::Kind;
+
+/// This daemon's own series (the gRPC ones come from the common layer).
+const METRICS: &[(&str, Kind, &str)] = &[
+    (
+        "jfs_blockd_capacity_bytes",
+        Kind::Gauge,
+        "size of the filesystem holding the data directory",
+    ),
+    (
+        "jfs_blockd_free_bytes",
+        Kind::Gauge,
+        "space left for blocks on that filesystem",
+    ),
+    ("jfs_blockd_used_bytes", Kind::Gauge, "capacity minus free space"),
+    ("jfs_blockd_blocks", Kind::Gauge, "blocks stored here"),
+    (
+        "jfs_blockd_blocks_written_total",
+        Kind::Counter,
+        "blocks written and fsynced",
+    ),
+    (
+        "jfs_blockd_disk_written_bytes_total",
+        Kind::Counter,
+        "bytes of block data written to disk",
+    ),
+    (
+        "jfs_blockd_block_reads_total",
+        Kind::Counter,
+        "block reads served from disk",
+    ),
+    (
+        "jfs_blockd_disk_read_bytes_total",
+        Kind::Counter,
+        "bytes of block data read from disk",
+    ),
+    (
+        "jfs_blockd_checksum_failures_total",
+        Kind::Counter,
+        "stored data that failed its CRC32C (read or scrub); the replica is reported and replaced",
+    ),
+    (
+        "jfs_blockd_blocks_deleted_total",
+        Kind::Counter,
+        "unreferenced blocks deleted after their grace period",
+    ),
+];
 
 async fn serve(listen: String, cfg: Config, store: Arc<BlockStore>, state: NodeState) -> Result<(), Fatal> {
     let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
@@ -163,6 +224,11 @@ async fn serve(listen: String, cfg: Config, store: Arc<BlockStore>, state: NodeS
         )
     })?;
     info!(listen = %listen, "serving Block service");
+    // The port is bound, so connections from here on are served. For
+    // systemd units of Type=notify; nothing happens without NOTIFY_SOCKET.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        warn!("cannot tell systemd that jfs-blockd is ready: {e}");
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     // Shared by everything that finds changes metad must hear about; the heartbeat carries them.
@@ -190,6 +256,7 @@ async fn serve(listen: String, cfg: Config, store: Arc<BlockStore>, state: NodeS
     let signal_tx = stop_tx.clone();
     let shutdown = async move {
         wait_for_signal().await;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         let _ = signal_tx.send(true);
     };
     let mut grace_rx = stop_rx;

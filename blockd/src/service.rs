@@ -84,6 +84,7 @@ pub async fn serve(
         // Notices clients that vanished without closing, so their streams are freed.
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(jfs_common::telemetry::RpcMetricsLayer::new("block"))
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

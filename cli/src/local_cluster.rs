@@ -49,6 +49,14 @@ pub fn metad_raft_port(i: u64) -> u16 {
 pub fn blockd_port(j: u64) -> u16 {
     (8201 + 10 * (j - 1)) as u16
 }
+/// Prometheus endpoints: each daemon gets its own port on the cluster's IP.
+pub fn metad_metrics_port(i: u64) -> u16 {
+    (8102 + 10 * (i - 1)) as u16
+}
+pub fn blockd_metrics_port(j: u64) -> u16 {
+    (8202 + 10 * (j - 1)) as u16
+}
+pub const MOUNT_METRICS_PORT: u16 = 8401;
 pub const TABLESTORE_PORT: u16 = 8301;
 /// The DynamoDB-compatible server the local cluster runs (see docs/DECISIONS.md).
 const TABLESTORE_BINARY: &str = "dynoxide";
@@ -93,7 +101,12 @@ pub fn local_config_text(state: &Path, ip: &str, mirror: bool) -> String {
          namespace.replication = 3\n\
          # A development cluster gives deleted space back quickly; production keeps\n\
          # unreferenced blocks 10 minutes for readers holding old block maps.\n\
-         blockd.gc-grace-ms = 10000\n",
+         blockd.gc-grace-ms = 10000\n\
+         # Several daemons share this host, so each gets its metrics port on its command\n\
+         # line (metad<i> {ip}:81<i-1>2, blockd<j> {ip}:82<j-1>2, the mount {ip}:{MOUNT_METRICS_PORT});\n\
+         # daemons started by hand with this file export none.\n\
+         metad.metrics-address = \"\"\n\
+         blockd.metrics-address = \"\"\n",
         initial.join(","),
         rpc.join(","),
         toml_string(&state.join("metad")),
@@ -181,6 +194,8 @@ impl Layout {
                     p.id.to_string().into(),
                     "--data-dir".into(),
                     self.state.join(&name).into(),
+                    "--metrics-listen".into(),
+                    format!("{ip}:{}", metad_metrics_port(p.id)).into(),
                 ],
                 data_dir: self.state.join(&name),
                 addr: p.rpc_addr.clone(),
@@ -198,6 +213,8 @@ impl Layout {
                     self.state.join(&name).into(),
                     "--listen".into(),
                     format!("{ip}:{}", blockd_port(j)).into(),
+                    "--metrics-listen".into(),
+                    format!("{ip}:{}", blockd_metrics_port(j)).into(),
                 ],
                 data_dir: self.state.join(&name),
                 addr: format!("{ip}:{}", blockd_port(j)),
@@ -569,7 +586,7 @@ pub async fn up(dir: &Path, ip: Option<&str>, mountpoint: &Path, opts: UpOptions
         false => crate::say!("namespace {NAMESPACE:?} exists"),
     }
 
-    let mp = ensure_mounted(&layout, mountpoint).await?;
+    let mp = ensure_mounted(&layout, mountpoint, &ip).await?;
     let mut mounts = read_mounts(&layout);
     if !mounts.contains(&mp) {
         mounts.push(mp.clone());
@@ -720,7 +737,7 @@ async fn wait_restored(layout: &Layout, cfg: &Config) -> CliResult<()> {
 }
 
 /// Mounts namespace `default` at `mountpoint` unless a live mount is there; returns the canonical path.
-async fn ensure_mounted(layout: &Layout, mountpoint: &Path) -> CliResult<PathBuf> {
+async fn ensure_mounted(layout: &Layout, mountpoint: &Path, ip: &str) -> CliResult<PathBuf> {
     // A dead FUSE mount makes canonicalize fail with ENOTCONN, so look it up by the absolute path first.
     let abs = std::path::absolute(mountpoint)
         .map_err(|e| io_err(format!("cannot resolve mountpoint {}", mountpoint.display()), e))?;
@@ -756,10 +773,13 @@ async fn ensure_mounted(layout: &Layout, mountpoint: &Path) -> CliResult<PathBuf
         .open(&log_path)
         .map_err(|e| io_err(format!("cannot open log {}", log_path.display()), e))?;
     let conf = layout.conf();
+    // A second mount of this cluster finds the port taken and runs without
+    // metrics (it logs why); the first one is the one scraped.
+    let mount_opts = format!("allow_other,metrics={ip}:{MOUNT_METRICS_PORT}");
     let mut log_for_marker = &log;
     let _ = writeln!(
         log_for_marker,
-        "==== {} jfs local up: {} --conf {} -o allow_other {NAMESPACE} {}",
+        "==== {} jfs local up: {} --conf {} -o {mount_opts} {NAMESPACE} {}",
         now_utc(),
         mountd.display(),
         conf.display(),
@@ -771,7 +791,7 @@ async fn ensure_mounted(layout: &Layout, mountpoint: &Path) -> CliResult<PathBuf
     let mut cmd = tokio::process::Command::new(&mountd);
     cmd.arg("--conf")
         .arg(&conf)
-        .args(["-o", "allow_other", NAMESPACE])
+        .args(["-o", &mount_opts, NAMESPACE])
         .arg(&mp)
         .current_dir(&layout.state)
         .stdin(Stdio::null())

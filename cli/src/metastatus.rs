@@ -173,15 +173,20 @@ pub fn merge_found(mut reports: Vec<NodeReport>, mut found: Vec<NodeReport>) -> 
     reports
 }
 
-pub async fn run(cfg: &Config, detail: bool, digest: bool) -> CliResult<()> {
+pub async fn run(cfg: &Config, detail: bool, digest: bool, metrics: bool) -> CliResult<()> {
     let reports = collect(cfg, digest).await;
-    let (table, notes) = render(&reports, detail, digest);
+    let (table, mut notes) = render(&reports, detail, digest);
     crate::say!("{}", table.trim_end());
     if detail {
         let more = mirror_details(&reports);
         if !more.is_empty() {
             crate::say!("\n{}", more.trim_end());
         }
+    }
+    if metrics {
+        let (table, more) = crate::node_metrics::report(&reports, PROBE_TIMEOUT).await;
+        crate::say!("\n{}", table.trim_end());
+        notes.extend(more);
     }
     // Diagnostics go to stderr: stdout stays one clean table for scripts.
     for n in notes {

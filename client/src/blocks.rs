@@ -130,6 +130,7 @@ impl BlockPool {
                 "metad allocated a block with no replica (no live blockd?)".into(),
             ));
         }
+        let _in_flight = crate::meta::InFlight::enter("jfs_client_block_uploads_in_flight");
         let results =
             futures::future::join_all(replicas.iter().map(|addr| self.write_one(addr, block_id, data.clone()))).await;
         let mut first_err = None;
@@ -192,6 +193,7 @@ impl BlockPool {
 
     /// Reads `[offset, offset + len)` of a block, trying replicas in order.
     pub(crate) async fn read(&self, block_id: u64, offset: u64, len: u64, replicas: &[String]) -> FsResult<Vec<u8>> {
+        let _in_flight = crate::meta::InFlight::enter("jfs_client_block_reads_in_flight");
         let mut errors = Vec::new();
         // Replicas that failed us lately go last: a dead blockd costs a
         // refused connection (or a timeout) on every read otherwise.
@@ -207,7 +209,10 @@ impl BlockPool {
                 self.timeout
             };
             match self.read_one(addr, block_id, offset, len, limit).await {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    metrics::counter!("jfs_client_block_read_bytes_total").increment(v.len() as u64);
+                    return Ok(v);
+                }
                 Err(e) => {
                     self.suspect(addr, &e);
                     if e == FsError::NotFound {
@@ -279,8 +284,12 @@ impl BlockPool {
         let slot = {
             let mut c = lock(&self.cache);
             let slot = match c.slots.get(&block_id) {
-                Some((s, _)) => s.clone(),
+                Some((s, _)) => {
+                    metrics::counter!("jfs_client_block_cache_hits_total").increment(1);
+                    s.clone()
+                }
                 None => {
+                    metrics::counter!("jfs_client_block_cache_misses_total").increment(1);
                     let s: Slot = Arc::new(OnceCell::new());
                     c.slots.insert(block_id, (s.clone(), len as usize));
                     c.bytes += len as usize;

@@ -382,6 +382,7 @@ impl MetaClient {
     {
         let deadline = Instant::now() + self.inner.timeout;
         let mut failures: u32 = 0;
+        let _in_flight = InFlight::enter("jfs_client_meta_calls_in_flight");
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let (addr, ch) = match self.pick(left).await? {
@@ -572,5 +573,23 @@ impl MetaClient {
                 false
             }
         }
+    }
+}
+
+/// Counts a call in a gauge for as long as it runs, however it ends
+/// (returned, failed, or dropped by a caller that gave up).
+pub(crate) struct InFlight(metrics::Gauge);
+
+impl InFlight {
+    pub(crate) fn enter(name: &'static str) -> InFlight {
+        let g = metrics::gauge!(name);
+        g.increment(1.0);
+        InFlight(g)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }

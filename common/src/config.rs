@@ -70,6 +70,11 @@ pub struct Config {
     /// Start as a recovery cluster: restore from the table store, read-only.
     pub recovery_mode: bool,
     pub dynamodb: DynamoConfig,
+    /// host:port where each kind of daemon serves Prometheus metrics
+    /// (`""` = off); `--metrics-listen` overrides it per process.
+    pub metad_metrics_address: String,
+    pub blockd_metrics_address: String,
+    pub mount_metrics_address: String,
 }
 
 /// Where the table-store mirror writes, and as whom.
@@ -148,6 +153,11 @@ impl Default for Config {
             mirror_enabled: false,
             recovery_mode: false,
             dynamodb: DynamoConfig::default(),
+            // One metad and one blockd per host in a real deployment; a
+            // mount per host is not, so mounts export only when asked.
+            metad_metrics_address: "0.0.0.0:9410".into(),
+            blockd_metrics_address: "0.0.0.0:9420".into(),
+            mount_metrics_address: String::new(),
         }
     }
 }
@@ -293,7 +303,36 @@ const KEYS: &[(&str, Setter)] = &[
         c.dynamodb.max_backlog_entries = as_int(v, 1000, 1 << 40)?;
         Ok(())
     }),
+    ("metad.metrics-address", |c, v| {
+        c.metad_metrics_address = as_metrics_addr(v)?;
+        Ok(())
+    }),
+    ("blockd.metrics-address", |c, v| {
+        c.blockd_metrics_address = as_metrics_addr(v)?;
+        Ok(())
+    }),
+    ("mount.metrics-address", |c, v| {
+        c.mount_metrics_address = as_metrics_addr(v)?;
+        Ok(())
+    }),
 ];
+
+/// An IP:port to listen on, or `""` for off.
+fn as_metrics_addr(v: &toml::Value) -> Result<String, String> {
+    let a = as_str(v)?;
+    if !a.is_empty() && a.parse::<std::net::SocketAddr>().is_err() {
+        return Err(format!(
+            "{a:?} is not IP:port (e.g. \"0.0.0.0:9410\"), or \"\" to turn metrics off"
+        ));
+    }
+    Ok(a.to_string())
+}
+
+/// The dotted name of every key the config file accepts, in [`KEYS`] order
+/// (the man page test compares them with jfs.toml(5)).
+pub fn known_keys() -> impl Iterator<Item = &'static str> {
+    KEYS.iter().map(|(k, _)| *k)
+}
 
 fn as_bool(v: &toml::Value) -> Result<bool, String> {
     v.as_bool()

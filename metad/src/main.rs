@@ -23,6 +23,7 @@ mod recovery;
 mod service;
 mod session_reaper;
 mod table_store;
+mod telemetry;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -71,6 +72,15 @@ struct Args {
     /// [default: <namespace.data-dir>/node<ID>].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics ("" = off)
+    /// [default: metad.metrics-address, 0.0.0.0:9410].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
+}
+
+/// The host part of host:port.
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
 }
 
 async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
@@ -388,6 +398,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _ => None,
     };
 
+    let metrics_bound = jfs_common::telemetry::start(
+        args.metrics_listen.as_deref().unwrap_or(&cfg.metad_metrics_address),
+        "metad",
+    );
+    if metrics_bound.is_some() {
+        jfs_common::telemetry::describe(telemetry::METRICS);
+        if mirror.is_some() {
+            jfs_common::telemetry::describe(telemetry::MIRROR_METRICS);
+        }
+    }
+    let gauges = telemetry::NodeGauges {
+        raft: raft.clone(),
+        view: view.clone(),
+        blockds: blockds.clone(),
+        mirror: mirror.clone(),
+        snapshot_file: data_dir.join("snapshot.bin"),
+    };
     let view_for_members = view.clone();
     let view_for_recovery = view.clone();
     let meta = service::MetaService {
@@ -404,6 +431,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         membership,
         leader_contact: leader_contact.clone(),
         mirror: mirror.clone(),
+        metrics_address: metrics_bound
+            .map(|b| jfs_common::telemetry::advertised(b, host_of(&me.rpc_addr)))
+            .unwrap_or_default(),
     };
     let rpc_addr = resolve(&me.rpc_addr).await?;
     let raft_addr = resolve(&me.raft_addr).await?;
@@ -447,17 +477,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let stop_rx_healer = stop_rx;
     let rpc_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .layer(jfs_common::telemetry::RpcMetricsLayer::new("meta"))
         .add_service(meta_svc)
         .serve_with_incoming_shutdown(incoming(rpc_listener), async move {
             let _ = stop_a.changed().await;
         });
     let raft_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .layer(jfs_common::telemetry::RpcMetricsLayer::new("raft"))
         .add_service(raft_svc)
         .serve_with_incoming_shutdown(incoming(raft_listener), async move {
             let _ = stop_b.changed().await;
         });
     let servers = tokio::spawn(async move { tokio::try_join!(rpc_server, raft_server) });
+    // Both ports are bound: clients and peers connecting from now on are
+    // served. systemd (Type=notify) starts units ordered after this one only
+    // now; outside systemd (no NOTIFY_SOCKET) this does nothing.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("cannot tell systemd that jfs-metad is ready: {e}");
+    }
     let recording = tokio::spawn(membership::record_seen(
         raft.clone(),
         view_for_members,
@@ -480,6 +518,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         store,
         stop_rx_healer.clone(),
     ));
+    let gauging = tokio::spawn(gauges.run(stop_rx_healer.clone()));
     let healing = tokio::spawn(healer::run(healer, raft.clone(), args.node_id, stop_rx_healer));
     if let Some(addr) = join {
         tokio::spawn(join_cluster(addr, args.node_id, me.clone()));
@@ -487,6 +526,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     shutdown_signal().await;
     tracing::info!("shutting down");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), raft.shutdown()).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), servers).await;
@@ -495,6 +535,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), gate).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), reaping).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), recovering).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), gauging).await;
     if let Some(m) = mirroring {
         let _ = tokio::time::timeout(Duration::from_secs(5), m).await;
     }
@@ -503,6 +544,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() {
+    jfs_common::manpage::exit_if_requested(<Args as clap::CommandFactory>::command);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

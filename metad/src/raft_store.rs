@@ -322,6 +322,19 @@ impl SmView {
         }
     }
 
+    /// Bytes the Raft log and the namespace take in RocksDB (SST files plus
+    /// memtables; RocksDB's own estimate, cheap to read).
+    pub fn storage_bytes(&self) -> (u64, u64) {
+        let size = |name: &str| {
+            let cf = cf(&self.db, name);
+            ["rocksdb.total-sst-files-size", "rocksdb.cur-size-all-mem-tables"]
+                .iter()
+                .filter_map(|p| self.db.property_int_value_cf(cf, *p).ok().flatten())
+                .sum::<u64>()
+        };
+        (size(CF_LOG), size(CF_SM))
+    }
+
     /// The commit index this node has recorded (openraft saves it with
     /// `save_committed`); may trail the leader's by a heartbeat.
     pub fn committed_index(&self) -> Result<u64, StorageError> {

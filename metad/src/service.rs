@@ -41,6 +41,8 @@ pub struct MetaService {
     pub leader_contact: Arc<crate::raft_network::LeaderContact>,
     /// The table-store mirror, when this node has it enabled.
     pub mirror: Option<Arc<crate::mirror::Mirror>>,
+    /// Where this node serves Prometheus metrics ("" = nowhere).
+    pub metrics_address: String,
 }
 
 type Rpc<T> = Result<Response<T>, Status>;
@@ -1074,6 +1076,7 @@ impl Meta for MetaService {
             last_log_term: last_log.map_or(0, |l| l.leader_id.term),
             sessions,
             saved_replies,
+            metrics_address: self.metrics_address.clone(),
             ..self.mirror_and_recovery_status()?
         }))
     }

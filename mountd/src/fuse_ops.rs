@@ -254,7 +254,16 @@ impl JfsFs {
     /// dropped unsent while unwinding, answers EIO (fuser does that), and the
     /// session and every other request carry on (DESIGN §5).
     fn guard(&self, op: &'static str, f: impl FnOnce()) {
-        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        // Counted and timed here, the one place every request passes.
+        let in_flight = metrics::gauge!("jfs_fuse_requests_in_flight");
+        in_flight.increment(1.0);
+        let start = std::time::Instant::now();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        in_flight.decrement(1.0);
+        metrics::counter!("jfs_fuse_requests_total", "op" => op).increment(1);
+        metrics::histogram!("jfs_fuse_request_duration_seconds", "op" => op).record(start.elapsed().as_secs_f64());
+        if let Err(p) = outcome {
+            metrics::counter!("jfs_fuse_request_panics_total", "op" => op).increment(1);
             let msg = p
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())

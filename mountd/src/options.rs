@@ -19,13 +19,15 @@ pub struct MountOpts {
     pub entry_timeout: Option<Duration>,
     /// Where the detached daemon writes its log (default: nowhere).
     pub log: Option<PathBuf>,
+    /// IP:port for Prometheus metrics (default: mount.metrics-address).
+    pub metrics: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum OptionError {
     #[error(
         "unknown mount option {0:?} (jfs understands conf=PATH, allow_other, default_permissions, ro, rw, \
-         attr_timeout=SECS, entry_timeout=SECS, log=PATH)"
+         attr_timeout=SECS, entry_timeout=SECS, log=PATH, metrics=IP:PORT)"
     )]
     Unknown(String),
     #[error("mount option {name}: {problem}")]
@@ -106,6 +108,16 @@ impl MountOpts {
                 match (name, value) {
                     ("conf", v) => o.conf = Some(PathBuf::from(need(v)?)),
                     ("log", v) => o.log = Some(PathBuf::from(need(v)?)),
+                    ("metrics", v) => {
+                        let a = need(v)?;
+                        if a.parse::<std::net::SocketAddr>().is_err() {
+                            return Err(OptionError::BadValue {
+                                name: name.to_string(),
+                                problem: format!("{a:?} is not IP:PORT (e.g. metrics=127.0.0.1:9430)"),
+                            });
+                        }
+                        o.metrics = Some(a);
+                    }
                     ("allow_other", None) => o.allow_other = true,
                     ("default_permissions", None) => o.default_permissions = true,
                     ("ro", None) => o.read_only = true,
@@ -130,6 +142,9 @@ impl MountOpts {
         }
         if let Some(l) = &self.log {
             v.push(format!("log={}", l.display()));
+        }
+        if let Some(m) = &self.metrics {
+            v.push(format!("metrics={m}"));
         }
         if self.allow_other {
             v.push("allow_other".into());

@@ -378,7 +378,8 @@ fn reserve_ip() -> (String, File) {
             continue;
         }
         let ports = [
-            8101, 8103, 8104, 8111, 8113, 8114, 8121, 8123, 8124, 8201, 8211, 8221, 8301, 8302,
+            8101, 8102, 8103, 8104, 8111, 8112, 8113, 8114, 8121, 8122, 8123, 8124, 8201, 8202, 8211, 8212, 8221, 8222,
+            8301, 8302, 8401,
         ];
         if ports
             .iter()
@@ -388,6 +389,12 @@ fn reserve_ip() -> (String, File) {
         }
     }
     panic!("could not find a free loopback address 127.x.y.1 after 1000 tries");
+}
+
+/// A loopback address of the caller's own (see [`Cluster`]), for a test that
+/// starts its daemons itself; held while the returned file is open.
+pub fn reserve_loopback_ip() -> (String, File) {
+    reserve_ip()
 }
 
 fn splitmix(mut z: u64) -> u64 {

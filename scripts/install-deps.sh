@@ -20,6 +20,11 @@ packages=(
     python3-venv
     # the network-partition test cuts a metad off with nftables
     nftables
+    # the man page test renders man/ with man and groff and lints it with mandoc
+    man-db groff-base mandoc
+    # packaging/build.sh builds .rpm files and the packaging test lists them with rpm;
+    # systemd-analyze (in systemd) checks the units
+    rpm systemd
 )
 
 missing=()
@@ -88,3 +93,17 @@ if [[ "$(/opt/jfs-moto/bin/python -c 'import moto; print(moto.__version__)' 2>/d
     /opt/jfs-moto/bin/pip install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
 fi
 echo "install-deps.sh: second table store: moto $(/opt/jfs-moto/bin/python -c 'import moto; print(moto.__version__)')"
+
+# packaging/build.sh builds the .deb and .rpm packages with these two cargo
+# subcommands (pinned so every machine builds the same packages).
+CARGO_DEB_VERSION=3.8.0
+CARGO_GENERATE_RPM_VERSION=0.21.1
+if [[ "$(cargo deb --version 2>/dev/null)" != *"$CARGO_DEB_VERSION"* ]]; then
+    echo "install-deps.sh: installing cargo-deb $CARGO_DEB_VERSION"
+    cargo install --quiet --locked --force cargo-deb --version "$CARGO_DEB_VERSION"
+fi
+if [[ "$(cargo generate-rpm --version 2>/dev/null)" != *"$CARGO_GENERATE_RPM_VERSION"* ]]; then
+    echo "install-deps.sh: installing cargo-generate-rpm $CARGO_GENERATE_RPM_VERSION"
+    cargo install --quiet --locked --force cargo-generate-rpm --version "$CARGO_GENERATE_RPM_VERSION"
+fi
+echo "install-deps.sh: packaging tools: $(cargo deb --version), $(cargo generate-rpm --version)"

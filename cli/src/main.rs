@@ -6,11 +6,13 @@
 //! is not healthy), 2 the command line or the config file is wrong. The work itself lives in one module per command family.
 
 mod admin;
+mod completions;
 mod fs_cmd;
 mod fsck;
 mod local_cluster;
 mod membership;
 mod metastatus;
+mod node_metrics;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -79,6 +81,16 @@ enum Command {
         #[arg(value_name = "URI")]
         uri: Option<String>,
     },
+
+    /// Print the shell completion script for jfs (bash, zsh or fish) to standard output.
+    ///
+    /// bash: `source <(jfs completions bash)` in ~/.bashrc, or save the script as
+    /// /usr/share/bash-completion/completions/jfs. zsh: save it as _jfs in a directory of $fpath.
+    /// fish: save it as ~/.config/fish/completions/jfs.fish.
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: completions::Shell,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -131,6 +143,11 @@ struct MetastatusArgs {
     /// Reads each node's whole state: for checks, not for routine polling.
     #[arg(long)]
     digest: bool,
+    /// Also read each node's Prometheus endpoint (its address comes from the node) and show
+    /// metadata requests served, failed, mean and 99th-percentile latency, and the sizes of
+    /// the Raft log, the snapshot and the namespace database.
+    #[arg(long)]
+    metrics: bool,
     /// Use the local dev cluster in this state directory (reads STATE/jfs.toml).
     #[arg(long, value_name = "STATE")]
     dir: Option<PathBuf>,
@@ -516,7 +533,7 @@ async fn run(cli: Cli) -> CliResult<()> {
         Command::Metastatus(args) => {
             let path = metastatus_conf_path(args.dir.as_deref(), conf)?;
             let cfg = load_config(&path)?;
-            metastatus::run(&cfg, args.detail, args.digest).await
+            metastatus::run(&cfg, args.detail, args.digest, args.metrics).await
         }
         Command::Admin(cmd) => {
             let cfg = load_config(&resolve_conf_path(conf)?)?;
@@ -576,10 +593,12 @@ async fn run(cli: Cli) -> CliResult<()> {
             let cfg = load_config(&resolve_conf_path(conf)?)?;
             fs_cmd::run(&cfg, cmd).await
         }
+        Command::Completions { shell } => completions::print(shell, <Cli as clap::CommandFactory>::command()),
     }
 }
 
 fn main() -> ExitCode {
+    jfs_common::manpage::exit_if_requested(<Cli as clap::CommandFactory>::command);
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -650,6 +669,7 @@ mod tests {
             Command::Metastatus(MetastatusArgs {
                 detail: true,
                 digest: false,
+                metrics: false,
                 dir: Some(_)
             })
         ));

@@ -3,8 +3,10 @@
 
 pub mod config;
 pub mod error;
+pub mod manpage;
 pub mod names;
 pub mod slices;
+pub mod telemetry;
 
 /// Generated from `proto/jfs.proto`.
 pub mod rpc {

@@ -36,6 +36,10 @@ const MOUNT_DEADLINE: Duration = Duration::from_secs(30);
 const READAHEAD_KB: u32 = 8192;
 /// Threads taking FUSE requests.
 const FUSE_THREADS: usize = 8;
+/// Where a daemon started by mount(8) logs unless `log=PATH` says otherwise:
+/// mount(8) gives it no terminal to write to, and /var/log is where an
+/// operator looks first.
+const HELPER_LOG_DIR: &str = "/var/log/jfs";
 
 #[derive(Parser, Debug)]
 #[command(name = "jfs-mountd", version, about = "Mount a jfs namespace (FUSE daemon)")]
@@ -44,7 +48,7 @@ struct DaemonArgs {
     #[arg(long, value_name = "PATH")]
     conf: Option<PathBuf>,
     /// Mount options, comma separated (conf=PATH, allow_other, default_permissions, ro, rw,
-    /// attr_timeout=SECS, entry_timeout=SECS, log=PATH)
+    /// attr_timeout=SECS, entry_timeout=SECS, log=PATH, metrics=IP:PORT)
     #[arg(short = 'o', value_name = "OPTS", action = ArgAction::Append)]
     options: Vec<String>,
     /// Stay in the foreground (do not detach)
@@ -88,6 +92,7 @@ struct HelperArgs {
 }
 
 fn main() {
+    jfs_common::manpage::exit_if_requested(<DaemonArgs as clap::CommandFactory>::command);
     let argv0: OsString = std::env::args_os().next().unwrap_or_default();
     let helper = Path::new(&argv0).file_name().is_some_and(|n| n == "mount.jfs");
     let code = if helper { helper_main() } else { daemon_main() };
@@ -108,6 +113,16 @@ fn helper_main() -> i32 {
     let args = HelperArgs::parse();
     let opts = parse_opts(&args.options, args.sloppy, "mount.jfs");
     let conf = opts.conf.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+    // Checked here, not only by the daemon, so the message can say how to
+    // name the file from mount(8) and /etc/fstab.
+    if !conf.is_file() {
+        eprintln!(
+            "mount.jfs: config file {} does not exist; create it (see jfs.toml(5)) or name another with \
+             -o conf=PATH (in /etc/fstab: NAMESPACE MOUNTPOINT jfs defaults,_netdev,conf=PATH 0 0)",
+            conf.display()
+        );
+        return 1;
+    }
     if args.fake {
         return 0;
     }
@@ -157,6 +172,28 @@ fn stderr_log_file() -> Option<PathBuf> {
     (p.is_absolute() && p.exists()).then_some(p)
 }
 
+/// `/var/log/jfs/mountd-NAMESPACE.log`, if it can be written: a mount
+/// without a log is better than no mount (e.g. a user mount, not root).
+fn default_helper_log(namespace: &str) -> Option<PathBuf> {
+    let name: String = namespace
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let path = Path::new(HELPER_LOG_DIR).join(format!("mountd-{name}.log"));
+    std::fs::create_dir_all(HELPER_LOG_DIR).ok()?;
+    std::fs::OpenOptions::new().create(true).append(true).open(&path).ok()?;
+    Some(path)
+}
+
+/// mount(8)'s "mount failure", which it also uses for "already mounted".
+const ALREADY_MOUNTED_EXIT: i32 = 32;
+
 /// Starts the daemon detached and waits until the mount is live.
 fn spawn_and_wait(me: &str, namespace: &str, mountpoint: &Path, conf: &Path, opts: &MountOpts, verbose: bool) -> i32 {
     let mp = match mountpoint.canonicalize() {
@@ -173,6 +210,14 @@ fn spawn_and_wait(me: &str, namespace: &str, mountpoint: &Path, conf: &Path, opt
             return 1;
         }
     };
+    // FUSE mounts stack where a block device would get EBUSY: refuse, as
+    // mount(8) does for those.
+    if let Some(top) = jfs_client::mounts::at(&mp).last() {
+        if top.fstype == "fuse.jfs" && (top.source == namespace || top.source == format!("jfs:{namespace}")) {
+            eprintln!("{me}: {namespace} is already mounted on {}", mp.display());
+            return ALREADY_MOUNTED_EXIT;
+        }
+    }
     let conf = conf.canonicalize().unwrap_or_else(|_| conf.to_path_buf());
     let exe = match std::env::current_exe() {
         Ok(e) => e,
@@ -187,6 +232,9 @@ fn spawn_and_wait(me: &str, namespace: &str, mountpoint: &Path, conf: &Path, opt
         // Started with stderr going to a log file (e.g. by `jfs local up`):
         // the daemon keeps logging there after it detaches.
         opts.log = stderr_log_file();
+    }
+    if opts.log.is_none() && me == "mount.jfs" {
+        opts.log = default_helper_log(namespace);
     }
     let mut cmd = Command::new(exe);
     cmd.arg0("jfs-mountd")
@@ -311,6 +359,63 @@ fn raise_readahead(mp: &Path) {
     }
 }
 
+use jfs_common::telemetry::Kind;
+
+/// The mount's series: FUSE requests (fuse_ops) and the client library's
+/// caches and calls in flight.
+const METRICS: &[(&str, Kind, &str)] = &[
+    (
+        "jfs_fuse_requests_total",
+        Kind::LabelledCounter,
+        "FUSE requests answered, by operation",
+    ),
+    (
+        "jfs_fuse_request_duration_seconds",
+        Kind::Histogram,
+        "time to answer a FUSE request, by operation",
+    ),
+    (
+        "jfs_fuse_requests_in_flight",
+        Kind::Gauge,
+        "FUSE requests being answered now",
+    ),
+    (
+        "jfs_fuse_request_panics_total",
+        Kind::LabelledCounter,
+        "FUSE requests whose handler panicked (answered EIO; the mount stays up)",
+    ),
+    (
+        "jfs_client_block_cache_hits_total",
+        Kind::Counter,
+        "block reads answered from the mount's block cache",
+    ),
+    (
+        "jfs_client_block_cache_misses_total",
+        Kind::Counter,
+        "block reads that went to a blockd",
+    ),
+    (
+        "jfs_client_block_read_bytes_total",
+        Kind::Counter,
+        "bytes read from blockds",
+    ),
+    (
+        "jfs_client_block_reads_in_flight",
+        Kind::Gauge,
+        "block reads from blockds in progress",
+    ),
+    (
+        "jfs_client_block_uploads_in_flight",
+        Kind::Gauge,
+        "block writes to blockds in progress",
+    ),
+    (
+        "jfs_client_meta_calls_in_flight",
+        Kind::Gauge,
+        "metadata calls to the metad leader in progress",
+    ),
+];
+
 fn run_daemon(namespace: &str, mountpoint: &Path, conf: &Path, opts: &MountOpts) -> i32 {
     init_logging();
     let detached = std::env::var_os(DETACHED_ENV).is_some();
@@ -353,6 +458,15 @@ fn run_daemon(namespace: &str, mountpoint: &Path, conf: &Path, opts: &MountOpts)
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
     };
+    let metrics_addr = opts
+        .metrics
+        .clone()
+        .unwrap_or_else(|| cfg.mount_metrics_address.clone());
+    rt.block_on(async {
+        if jfs_common::telemetry::start(&metrics_addr, "mountd").is_some() {
+            jfs_common::telemetry::describe(METRICS);
+        }
+    });
     let client = match rt.block_on(Client::connect(&cfg, namespace)) {
         Ok(c) => c,
         Err(e) => {
@@ -376,7 +490,10 @@ fn run_daemon(namespace: &str, mountpoint: &Path, conf: &Path, opts: &MountOpts)
 
     let mut mcfg = fuser::Config::default();
     mcfg.mount_options = vec![
-        MountOption::FSName(format!("jfs:{namespace}")),
+        // The source mount(8) and systemd compare with the first field of an
+        // /etc/fstab line: equal to it, `mount -a` knows the line is mounted
+        // and does not stack a second mount on it.
+        MountOption::FSName(namespace.to_string()),
         // A kernel option (not fuser's Subtype, which only fusermount sees),
         // so the type shows as fuse.jfs however we mount.
         MountOption::CUSTOM("subtype=jfs".into()),

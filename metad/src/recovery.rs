@@ -35,6 +35,8 @@ use crate::table_store::{self as ts, Item, RowOp, TableStore, TsError};
 const ENTRY_BYTES: usize = 1 << 20;
 /// Parallel scan segments per table.
 const SEGMENTS: i32 = 4;
+/// Pages a segment reads ahead of what it has committed.
+const SCAN_LOOKAHEAD: usize = 2;
 
 pub async fn run(
     raft: Raft,
@@ -212,6 +214,20 @@ impl RowReader {
 struct Progress {
     restored: std::sync::atomic::AtomicU64,
     total: u64,
+    /// Time spent waiting on table-store scans and on Raft commits, summed
+    /// over segments: which side a slow restore is waiting for.
+    scan_ns: std::sync::atomic::AtomicU64,
+    commit_ns: std::sync::atomic::AtomicU64,
+}
+
+impl Progress {
+    fn add_time(counter: &std::sync::atomic::AtomicU64, since: Instant) {
+        counter.fetch_add(since.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn secs(counter: &std::sync::atomic::AtomicU64) -> f64 {
+        counter.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9
+    }
 }
 
 async fn ship(raft: &Raft, p: &Progress, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), String> {
@@ -220,7 +236,8 @@ async fn ship(raft: &Raft, p: &Progress, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>
     }
     let n = writes.len() as u64;
     let restored = p.restored.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
-    propose(
+    let t = Instant::now();
+    let r = propose(
         raft,
         Op::RestoreRows {
             writes,
@@ -229,28 +246,48 @@ async fn ship(raft: &Raft, p: &Progress, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>
         },
     )
     .await
-    .map(|_| ())
+    .map(|_| ());
+    Progress::add_time(&p.commit_ns, t);
+    r
 }
 
-/// Scans one table (parallel segments) into Raft; each segment waits for
-/// its rows to commit before it reads the next page.
+/// Scans one table (parallel segments) into Raft. Within a segment the next
+/// page is read while the previous one commits (a page of lookahead), so
+/// the table store and Raft work at once instead of taking turns.
 async fn restore_table(raft: &Raft, store: &TableStore, table: &str, p: &Progress) -> Result<(), String> {
     let segs = (0..SEGMENTS).map(|seg| async move {
-        let mut reader = RowReader::new();
-        let mut start = None;
-        loop {
-            let (items, next) = store.scan_page(table, seg, SEGMENTS, start).await.map_err(ts_err)?;
-            for i in &items {
-                reader.add(i)?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Item>>(SCAN_LOOKAHEAD);
+        let scan = async move {
+            let mut start = None;
+            loop {
+                let t = Instant::now();
+                let (items, next) = store.scan_page(table, seg, SEGMENTS, start).await.map_err(ts_err)?;
+                Progress::add_time(&p.scan_ns, t);
+                if tx.send(items).await.is_err() {
+                    // The applying side failed; its error is the one reported.
+                    return Ok(());
+                }
+                match next {
+                    Some(k) => start = Some(k),
+                    None => return Ok(()),
+                }
             }
-            if let Some(full) = reader.take_if_full() {
-                ship(raft, p, full).await?;
+        };
+        let apply = async {
+            let mut reader = RowReader::new();
+            while let Some(items) = rx.recv().await {
+                for i in &items {
+                    reader.add(i)?;
+                }
+                if let Some(full) = reader.take_if_full() {
+                    ship(raft, p, full).await?;
+                }
             }
-            match next {
-                Some(k) => start = Some(k),
-                None => break,
-            }
-        }
+            Ok::<_, String>(reader)
+        };
+        // A scan error ends the segment at once (dropping what was not
+        // shipped): the restore starts over, it never finishes a partial table.
+        let ((), reader) = futures::future::try_join(scan, apply).await?;
         ship(raft, p, reader.finish()).await
     });
     for r in futures::future::join_all(segs).await {
@@ -351,14 +388,24 @@ async fn restore(raft: &Raft, view: &SmView, cfg: &Config, store: &TableStore, n
     let progress = Progress {
         restored: std::sync::atomic::AtomicU64::new(0),
         total,
+        scan_ns: std::sync::atomic::AtomicU64::new(0),
+        commit_ns: std::sync::atomic::AtomicU64::new(0),
     };
     for chunk in chunk_rows(cluster_rows) {
         ship(raft, &progress, chunk).await?;
     }
     for n in &namespaces {
         let table = store.namespace_table(n);
+        let t = Instant::now();
         restore_table(raft, store, &table, &progress).await?;
-        tracing::info!(namespace = %n, table = %table, "namespace rows restored");
+        tracing::info!(
+            namespace = %n,
+            table = %table,
+            secs = t.elapsed().as_secs_f64(),
+            scan_secs = Progress::secs(&progress.scan_ns),
+            commit_secs = Progress::secs(&progress.commit_ns),
+            "namespace rows restored (scan/commit: time segments spent waiting on each, summed)"
+        );
     }
 
     // The log chain after the old watermark.

@@ -28,6 +28,7 @@ use tracing::{error, info, warn};
 
 use block_store::BlockStore;
 use heartbeat::{GrpcCaller, Heartbeat, LeaderFinder, NodeState};
+use jfs_common::telemetry::Kind;
 use replicate::Replicator;
 use report::Report;
 use scrub::Scrubber;
@@ -167,8 +168,6 @@ fn run(args: Args) -> Result<(), Fatal> {
         serve(args.listen, cfg, store, state).await
     })
 }
-
-use jfs_common::telemetry::Kind;
 
 /// This daemon's own series (the gRPC ones come from the common layer).
 const METRICS: &[(&str, Kind, &str)] = &[

@@ -232,7 +232,8 @@ pub async fn recovery_finish(cfg: &Config) -> CliResult<()> {
     Ok(())
 }
 
-fn bytes(n: u64) -> String {
+/// Bytes in binary units, one decimal (`1.5 MiB`).
+pub(crate) fn bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = n as f64;
     let mut u = 0;

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::admin::bytes;
 use crate::metastatus::{format_table, NodeReport};
 
 /// A scrape is a few hundred lines; anything far bigger is not our exporter.
@@ -228,22 +229,6 @@ fn latency_text(s: Option<f64>) -> String {
     }
 }
 
-/// Bytes in binary units, one decimal (`1.5MiB`).
-fn bytes_text(b: f64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{v:.0}B")
-    } else {
-        format!("{v:.1}{}", UNITS[u])
-    }
-}
-
 /// One row of the metrics table from a node's scrape.
 pub fn row(samples: &[Sample]) -> Vec<String> {
     let meta = [("service", "meta")];
@@ -261,9 +246,9 @@ pub fn row(samples: &[Sample]) -> Vec<String> {
         format!("{:.0}", requests - ok),
         latency_text(mean),
         latency_text(quantile(samples, "jfs_rpc_request_duration_seconds", &meta, 0.99)),
-        bytes_text(sum(samples, "jfs_raft_log_bytes", &[])),
-        bytes_text(sum(samples, "jfs_raft_snapshot_bytes", &[])),
-        bytes_text(sum(samples, "jfs_metad_namespace_bytes", &[])),
+        bytes(sum(samples, "jfs_raft_log_bytes", &[]) as u64),
+        bytes(sum(samples, "jfs_raft_snapshot_bytes", &[]) as u64),
+        bytes(sum(samples, "jfs_metad_namespace_bytes", &[]) as u64),
     ]
 }
 
@@ -387,7 +372,7 @@ mod tests {
     #[test]
     fn row_condenses_a_scrape() {
         let s = parse(TEXT).unwrap();
-        assert_eq!(row(&s), ["100", "10", "5.0ms", "10.0ms", "1.5MiB", "0B", "2.0KiB"]);
+        assert_eq!(row(&s), ["100", "10", "5.0ms", "10.0ms", "1.5 MiB", "0 B", "2.0 KiB"]);
     }
 
     #[test]

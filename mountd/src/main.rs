@@ -24,6 +24,7 @@ use clap::{ArgAction, Parser};
 use fuser::{MountOption, SessionACL};
 use jfs_client::Client;
 use jfs_common::config::{Config, DEFAULT_CONFIG_PATH};
+use jfs_common::telemetry::Kind;
 
 use crate::options::MountOpts;
 
@@ -358,8 +359,6 @@ fn raise_readahead(mp: &Path) {
         }
     }
 }
-
-use jfs_common::telemetry::Kind;
 
 /// The mount's series: FUSE requests (fuse_ops) and the client library's
 /// caches and calls in flight.

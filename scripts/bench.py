@@ -32,10 +32,24 @@ as an ordinary program does) and --fallocate=none, and are parsed from
   tar out      `tar -cf - tree` of that tree in the target, into a pipe
                that is counted and dropped, cold cache: seconds, lower is
                better.
+  untar        `tar -xf` of an archive of UNTAR_FILES files of 1 KiB (100
+               per directory, the archive in the page cache) into the
+               target: seconds, lower is better.
   create/stat/unlink
                of FILES empty files in one directory (open O_CREAT|O_EXCL +
                close; stat; unlink), by 1 worker and by 4 worker processes
-               (each a quarter of the names): ops/s.
+               (each a quarter of the names): ops/s. The kernel serialises
+               creates and unlinks in one directory (the directory's inode
+               lock), so the 4-worker lines in one directory measure the
+               latency of one operation; the "own directories" lines give
+               each worker a directory of its own.
+  rpc          with --jfs-cli (jfs only): `jfs bench meta` with 1, 4 and 16
+               clients over RPC, no FUSE (create/stat/unlink of FILES
+               files), and the floor of one synchronous client (one round
+               trip + one fsync), printed beside the one-worker lines.
+
+--small runs only the small-file lines (cp, tar, untar, create/stat/unlink,
+rpc).
 
 A line that fails on a target (e.g. O_DIRECT refused) is reported as
 "error" in its cell, and the run goes on.
@@ -66,13 +80,24 @@ LINES = [
     ("randread_direct", "4 KiB rand read, O_DIRECT, 1 job", "IOPS", True),
     ("cp_in", "cp -r in, {tree} files of 4 KiB", "s", False),
     ("tar_out", "tar out, {tree} files of 4 KiB, cold cache", "s", False),
+    ("untar", "untar {untar} files of 1 KiB", "s", False),
     ("create1", "create {files} empty files, 1 worker", "ops/s", True),
     ("stat1", "stat {files} files, 1 worker", "ops/s", True),
     ("unlink1", "unlink {files} files, 1 worker", "ops/s", True),
     ("create4", "create {files} empty files, 4 workers", "ops/s", True),
     ("stat4", "stat {files} files, 4 workers", "ops/s", True),
     ("unlink4", "unlink {files} files, 4 workers", "ops/s", True),
+    ("create4d", "create {files} empty files, 4 workers, own directories", "ops/s", True),
+    ("stat4d", "stat {files} files, 4 workers, own directories", "ops/s", True),
+    ("unlink4d", "unlink {files} files, 4 workers, own directories", "ops/s", True),
 ]
+# Lines only jfs has: metadata over RPC, by `jfs bench meta`.
+RPC_LINES = [
+    (f"rpc_{op}{n}", f"RPC {op}, {n} client{'s' if n > 1 else ''} (no FUSE)", "ops/s", True)
+    for n in (1, 4, 16) for op in ("create", "stat", "unlink")
+]
+SMALL = {"cp_in", "tar_out", "untar", "create1", "stat1", "unlink1", "create4", "stat4", "unlink4",
+         "create4d", "stat4d", "unlink4d"}
 
 
 def log(msg):
@@ -240,18 +265,67 @@ def _unlink(names):
         os.unlink(n)
 
 
-def meta_ops(d, nfiles, workers, pool):
-    """create, stat, unlink of nfiles names in d: ops/s of each phase."""
-    names = [os.path.join(d, f"f{i:06d}") for i in range(nfiles)]
+def meta_ops(d, nfiles, workers, pool, own_dirs=False):
+    """create, stat, unlink of nfiles names in d (or, own_dirs, in one
+    subdirectory of d per worker): ops/s of each phase."""
+    if own_dirs:
+        for w in range(workers):
+            os.mkdir(os.path.join(d, f"w{w}"))
+        shares = [[os.path.join(d, f"w{w}", f"f{i:06d}") for i in range(w, nfiles, workers)]
+                  for w in range(workers)]
+    else:
+        names = [os.path.join(d, f"f{i:06d}") for i in range(nfiles)]
+        shares = [names[w::workers] for w in range(workers)]
     out = []
     for fn in (_create, _stat, _unlink):
         t0 = time.perf_counter()
         if workers == 1:
-            fn(names)
+            fn(shares[0])
         else:
-            pool.map(fn, [names[w::workers] for w in range(workers)])
+            pool.map(fn, shares)
         out.append(nfiles / (time.perf_counter() - t0))
     return out
+
+
+def make_archive(path, nfiles):
+    """A tar archive of nfiles files of 1 KiB, 100 per directory."""
+    src = path + ".src"
+    for i in range(nfiles):
+        d = os.path.join(src, f"d{i // 100:03d}")
+        if i % 100 == 0:
+            os.makedirs(d)
+        with open(os.path.join(d, f"f{i:05d}"), "wb") as f:
+            f.write(os.urandom(1024))
+    subprocess.run(["tar", "-C", src, "-cf", path, "."], check=True)
+    shutil.rmtree(src)
+
+
+def untar(archive, dst, nfiles):
+    with open(archive, "rb") as f:  # the archive in the page cache, as cp's source
+        while f.read(MIB):
+            pass
+    os.mkdir(dst)
+    t0 = time.perf_counter()
+    if run(["tar", "-C", dst, "-xf", archive]).returncode != 0:
+        raise LineError("tar -x failed")
+    elapsed = time.perf_counter() - t0
+    if count_files(dst) != nfiles:
+        raise LineError(f"tar -x made {count_files(dst)} files, expected {nfiles}")
+    return elapsed
+
+
+def rpc_meta(jfs_cli, nfiles):
+    """`jfs bench meta` with 1, 4 and 16 clients: {line key: ops/s}, floor."""
+    p = subprocess.run([jfs_cli, "bench", "meta", "--clients", "1,4,16", "--files", str(nfiles), "--json"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        raise LineError(f"jfs bench meta exited {p.returncode}: {p.stderr.strip()[-300:]}")
+    rep = json.loads(p.stdout)
+    out = {}
+    for r in rep["runs"]:
+        for op in ("create", "stat", "unlink"):
+            out[f"rpc_{op}{r['clients']}"] = r[op]["ops_per_sec"]
+    return out, rep["floor"]
 
 
 # ------------------------------------------------------------- one pass
@@ -277,6 +351,30 @@ def run_target(name, base, args, src_tree, tmpdir, pool, results, rep):
         return v
 
     try:
+        if not args.small:
+            data_lines(name, args, line, data, size, tmpdir, rep)
+        small_lines(name, args, line, work, src_tree, tmpdir, pool, results, rep)
+        if name == "jfs" and args.jfs_cli:
+            drop_caches()
+            t0 = time.monotonic()
+            try:
+                vals, floor = rpc_meta(args.jfs_cli, args.files)
+            except (LineError, OSError, ValueError, KeyError) as e:
+                log(f"  [{name} rep {rep}] rpc: ERROR {e}")
+                vals, floor = {}, None
+            else:
+                log(f"  [{name} rep {rep}] rpc: " + ", ".join(f"{k} {v:,.0f}" for k, v in vals.items())
+                    + f" ops/s; floor {floor['floor_ms']:.3f} ms ({time.monotonic() - t0:.1f} s)")
+                results["floor"].append(floor)
+            for key, *_ in RPC_LINES:
+                results[key][name].append(vals.get(key))
+    finally:
+        # Leave nothing behind, even after an error.
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def data_lines(name, args, line, data, size, tmpdir, rep):
+    if True:
         # Sequential write of a new file, fsync included: MiB/s. It also lays
         # out the file that every fio line below works on.
         line("seqwrite", fio_seq, "seqwrite", data, size, tmpdir)
@@ -300,35 +398,40 @@ def run_target(name, base, args, src_tree, tmpdir, pool, results, rep):
         line("randread_direct", fio_rand, "read", data, size, args.runtime, 1, True, tmpdir)
         os.unlink(data)
 
+
+def small_lines(name, args, line, work, src_tree, tmpdir, pool, results, rep):
+    if True:
         # A tree of small files: `cp -r` of a cached local tree into the
         # target, then `tar` of it out of the target, cold: seconds.
         tree = os.path.join(work, "tree")
         line("cp_in", cp_in, src_tree, tree, args.tree_files)
         line("tar_out", tar_out, work, "tree", args.tree_files)
         shutil.rmtree(tree, ignore_errors=True)
+        # Many small files written at once: untar of a cached archive.
+        line("untar", untar, os.path.join(tmpdir, "untar.tar"), os.path.join(work, "untar"),
+             args.untar_files)
+        shutil.rmtree(os.path.join(work, "untar"), ignore_errors=True)
 
         # Metadata: create, stat, unlink of FILES empty files in one
-        # directory, by 1 and by 4 processes: ops/s.
-        for workers in (1, 4):
-            meta = os.path.join(work, f"meta{workers}")
+        # directory, by 1 and by 4 processes, then by 4 in a directory
+        # each: ops/s.
+        for workers, own, suffix in ((1, False, "1"), (4, False, "4"), (4, True, "4d")):
+            meta = os.path.join(work, f"meta{suffix}")
             os.mkdir(meta)
-            keys = [f"create{workers}", f"stat{workers}", f"unlink{workers}"]
+            keys = [f"create{suffix}", f"stat{suffix}", f"unlink{suffix}"]
             drop_caches()
             t0 = time.monotonic()
             try:
-                vals = meta_ops(meta, args.files, workers, pool)
+                vals = meta_ops(meta, args.files, workers, pool, own)
             except OSError as e:
-                log(f"  [{name} rep {rep}] metadata, {workers} worker(s): ERROR {e}")
+                log(f"  [{name} rep {rep}] metadata, {workers} worker(s){' own dirs' if own else ''}: ERROR {e}")
                 vals = [None] * 3
             else:
-                log(f"  [{name} rep {rep}] create/stat/unlink, {workers} worker(s): "
+                log(f"  [{name} rep {rep}] create/stat/unlink, {workers} worker(s){' own dirs' if own else ''}: "
                     + " / ".join(f"{v:,.0f}" for v in vals) + f" ops/s ({time.monotonic() - t0:.1f} s)")
             for k, v in zip(keys, vals):
                 results[k][name].append(v)
             shutil.rmtree(meta, ignore_errors=True)
-    finally:
-        # Leave nothing behind, even after an error.
-        shutil.rmtree(work, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- output
@@ -346,6 +449,8 @@ def fmt(v):
 
 
 def cell(values):
+    if not values:  # a line this target does not run (the RPC lines)
+        return "–", None
     ok = [v for v in values if v is not None]
     if not ok:
         return "error", None
@@ -369,13 +474,13 @@ def ratio_cell(subject, baseline, higher_is_better):
     return s
 
 
-def print_table(targets, results, ratios, args):
+def print_table(targets, results, ratios, args, lines):
     header = ["line", "unit"] + [LABELS.get(n, n) for n, _ in targets] + \
              [f"{LABELS.get(a, a)}/{LABELS.get(b, b)}" for a, b in ratios]
     rows = []
-    for key, title, unit, hib in LINES:
+    for key, title, unit, hib in lines:
         t = title.format(size=f"{args.size_mib} MiB" if args.size_mib % 1024 else f"{args.size_mib // 1024} GiB",
-                         tree=f"{args.tree_files:,}", files=f"{args.files:,}")
+                         tree=f"{args.tree_files:,}", files=f"{args.files:,}", untar=f"{args.untar_files:,}")
         meds = {}
         cells = []
         for n, _ in targets:
@@ -406,6 +511,10 @@ def main():
     ap.add_argument("--runtime", type=int, help="seconds per random line (default 20)")
     ap.add_argument("--files", type=int, help="files for create/stat/unlink (default 10000)")
     ap.add_argument("--tree-files", type=int, help="4 KiB files in the cp/tar tree (default 2000)")
+    ap.add_argument("--untar-files", type=int, help="1 KiB files in the untar archive (default 20000)")
+    ap.add_argument("--small", action="store_true", help="only the small-file and metadata lines")
+    ap.add_argument("--jfs-cli", metavar="PATH",
+                    help="the jfs command, to add the RPC lines (jfs bench meta) to the jfs target")
     ap.add_argument("--json", metavar="FILE", help="also write every sample to FILE")
     args = ap.parse_args()
     q = args.quick
@@ -413,6 +522,7 @@ def main():
     args.runtime = args.runtime or (3 if q else 20)
     args.files = args.files or (200 if q else 10000)
     args.tree_files = args.tree_files or (200 if q else 2000)
+    args.untar_files = args.untar_files or (200 if q else 20000)
 
     targets = []
     for t in args.target:
@@ -429,7 +539,11 @@ def main():
     else:  # a run without jfs (testing the bench): MooseFS against the disk
         ratios = [("moosefs", "local")] if {"moosefs", "local"} <= set(names) else []
 
-    results = {key: {n: [] for n in names} for key, *_ in LINES}
+    lines = [l for l in LINES if not args.small or l[0] in SMALL]
+    if args.jfs_cli and "jfs" in names:
+        lines += RPC_LINES
+    results = {key: {n: [] for n in names} for key, *_ in lines}
+    results["floor"] = []
     tmpdir = tempfile.mkdtemp(prefix="jfs-bench-")
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     t_start = time.monotonic()
@@ -441,6 +555,7 @@ def main():
     try:
         src_tree = os.path.join(tmpdir, "tree")
         make_tree(src_tree, args.tree_files)
+        make_archive(os.path.join(tmpdir, "untar.tar"), args.untar_files)
         for rep in range(1, args.reps + 1):
             for name, d in targets:
                 log(f"rep {rep}/{args.reps}, {LABELS.get(name, name)} ({d}), "
@@ -461,7 +576,15 @@ def main():
     print("# cells: median (min–max) over the repetitions. Ratios on medians, as speed: "
           "> 1 = the first is faster (for the seconds lines: time of the second / time of the first).")
     print()
-    print_table(targets, results, ratios, args)
+    print_table(targets, results, ratios, args, lines)
+    floors = results["floor"]
+    if floors:
+        med = lambda k: statistics.median(f[k] for f in floors)
+        print()
+        print(f"Floor for one synchronous client on this machine (`jfs bench meta`, median of {len(floors)}): "
+              f"round trip {med('round_trip_ms'):.3f} ms + fsync {med('fsync_ms'):.3f} ms = "
+              f"{med('floor_ms'):.3f} ms, {med('floor_ops_per_sec'):,.0f} ops/s. Compare the one-worker "
+              f"and 1-client create/unlink lines with it.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "targets": targets, "results": results}, f, indent=1)

@@ -13,7 +13,11 @@
 # and O_DIRECT, 4 KiB random read buffered 1 job, buffered 4 jobs and
 # O_DIRECT, 20 s each, IOPS); `cp -r` in and `tar` out of a tree of 2,000
 # files of 4 KiB (seconds, lower is better); create/stat/unlink of 10,000
-# empty files with 1 and 4 workers (ops/s). It prints one markdown table
+# empty files with 1 and 4 workers, in one directory and in a directory per
+# worker (ops/s); untar of 20,000 files of 1 KiB (seconds); and, for jfs,
+# `jfs bench meta` over RPC with 1, 4 and 16 clients beside the measured
+# floor of one synchronous client. --small runs only the small-file and
+# metadata lines. It prints one markdown table
 # (median and min–max per target, jfs/MooseFS and jfs/local ratios) headed by
 # the command and `git describe`, ready for docs/PERFORMANCE.md; progress goes
 # to stderr. Run as root: it installs fio and MooseFS with apt-get if missing,
@@ -22,7 +26,7 @@
 #   bash scripts/bench.sh [--jfs DIR | --no-jfs] [--reps N] [--quick]
 #                         [--local DIR] [--no-bindfs] [--no-moosefs] [--goal N]
 #                         [--size-mib N] [--runtime S] [--files N] [--tree-files N]
-#                         [--json FILE]
+#                         [--untar-files N] [--small] [--json FILE]
 #
 # Defaults: --jfs /mnt/jfs (start it with `bash scripts/local-up.sh`; it must
 # be a mount unless --no-jfs), --local /var/tmp/jfs-bench, --reps 3, 1024 MiB,
@@ -50,7 +54,8 @@ while (($#)); do
         --no-moosefs) use_moosefs=0; shift ;;
         --goal) export MFS_GOAL="$2"; shift 2 ;;
         --quick) py_args+=(--quick); shift ;;
-        --reps|--size-mib|--runtime|--files|--tree-files|--json) py_args+=("$1" "$2"); shift 2 ;;
+        --small) py_args+=(--small); shift ;;
+        --reps|--size-mib|--runtime|--files|--tree-files|--untar-files|--json) py_args+=("$1" "$2"); shift 2 ;;
         -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
@@ -148,6 +153,10 @@ if ((use_jfs)); then
     if command -v jfs >/dev/null; then
         timeout 10 jfs admin list-namespaces 2>/dev/null | sed 's/^/#   /' || true
     fi
+fi
+if ((use_jfs)) && command -v jfs >/dev/null; then
+    # The RPC lines (jfs bench meta) run against the cluster of the default config.
+    py_args+=(--jfs-cli "$(command -v jfs)")
 fi
 python3 scripts/bench.py "${py_args[@]}" "${targets[@]}" &
 py_pid=$!

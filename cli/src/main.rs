@@ -6,6 +6,7 @@
 //! is not healthy), 2 the command line or the config file is wrong. The work itself lives in one module per command family.
 
 mod admin;
+mod bench;
 mod completions;
 mod fs_cmd;
 mod fsck;
@@ -82,6 +83,10 @@ enum Command {
         uri: Option<String>,
     },
 
+    /// Measure the cluster: metadata operations over RPC, without a mount.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+
     /// Print the shell completion script for jfs (bash, zsh or fish) to standard output.
     ///
     /// bash: `source <(jfs completions bash)` in ~/.bashrc, or save the script as
@@ -90,6 +95,33 @@ enum Command {
     Completions {
         #[arg(value_name = "SHELL")]
         shell: completions::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Create, stat and unlink empty files over RPC with 1 or more concurrent clients, and print
+    /// the floor one synchronous client cannot beat (one round trip + one fsync).
+    ///
+    /// Each client is a separate session with its own connections, like separate mounts. The
+    /// files go into a new directory under the namespace root, removed at the end. Run it against
+    /// a quiet cluster: it adds its own load.
+    Meta {
+        /// Namespace to work in.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Concurrent clients; a comma-separated list runs the benchmark once per value.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        clients: Vec<usize>,
+        /// Files per run (shared among the clients).
+        #[arg(long, default_value_t = 10_000)]
+        files: usize,
+        /// Directory on the disk that holds metad's data, for the fsync part of the floor.
+        #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
+        fsync_dir: PathBuf,
+        /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -592,6 +624,23 @@ async fn run(cli: Cli) -> CliResult<()> {
             let cmd = fs_cmd::FsOp::from_cli(cmd)?;
             let cfg = load_config(&resolve_conf_path(conf)?)?;
             fs_cmd::run(&cfg, cmd).await
+        }
+        Command::Bench(BenchCommand::Meta {
+            namespace,
+            clients,
+            files,
+            fsync_dir,
+            json,
+        }) => {
+            let cfg = load_config(&resolve_conf_path(conf)?)?;
+            let args = bench::MetaBenchArgs {
+                namespace,
+                clients,
+                files,
+                fsync_dir,
+                json,
+            };
+            bench::meta(&cfg, args).await
         }
         Command::Completions { shell } => completions::print(shell, <Cli as clap::CommandFactory>::command()),
     }

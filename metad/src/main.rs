@@ -16,6 +16,7 @@ mod lease;
 mod membership;
 mod mirror;
 mod namespace;
+mod proposer;
 mod raft_network;
 mod raft_store;
 mod raft_types;
@@ -419,6 +420,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let view_for_recovery = view.clone();
     let meta = service::MetaService {
         raft: raft.clone(),
+        proposer: proposer::Proposer::start(raft.clone()),
         lease,
         // Followers honour a leader for election_timeout_max after hearing
         // from it; we use half of that.

@@ -440,6 +440,17 @@ pub fn blocks_in_range<R: KvRead + ?Sized>(
 /// Applies one committed command, with the exactly-once session check:
 /// a (client, seq) seen before gets its saved reply and changes nothing.
 pub fn apply_command<R: KvRead + ?Sized>(txn: &mut Txn<'_, R>, cmd: &Command) -> Result<ApplyResult, KvError> {
+    if let Op::Batch { cmds } = &cmd.op {
+        let mut replies = Vec::with_capacity(cmds.len());
+        for c in cmds {
+            replies.push(if matches!(c.op, Op::Batch { .. }) {
+                Err(FsError::Internal("a batch inside a batch was proposed".into()))
+            } else {
+                apply_command(txn, c)?
+            });
+        }
+        return Ok(Ok(Reply::Batch(replies)));
+    }
     if cmd.client_id != 0 {
         let now = cmd
             .now_ns
@@ -938,6 +949,8 @@ fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<R
             }
             Ok(Reply::Ok)
         }
+        // `apply_command` unpacks batches; one can only get here nested.
+        Op::Batch { .. } => Err(FsError::Internal("a batch inside a batch was proposed".into()).into()),
         Op::ExpireSessions => {
             for client in expired_sessions(c.t, c.now, EXPIRE_BATCH)? {
                 end_session(c.t, client)?;
@@ -3028,6 +3041,78 @@ mod tests {
         apply_command(&mut t, &cmd).unwrap().unwrap();
         let w = t.into_writes();
         fs.kv.apply(w);
+    }
+
+    #[test]
+    fn a_batch_applies_each_command_as_its_own_entry() {
+        let mut fs = Fs::new();
+        let ns = fs.ns;
+        let root = ROOT_INO;
+        let mk = |name: &[u8]| Op::Mknod {
+            ns,
+            parent: root,
+            name: name.to_vec(),
+            mode: S_IFREG | 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            exclusive: true,
+        };
+        let cmd = |client: u64, seq: u64, op: Op| Command {
+            client_id: client,
+            seq,
+            acked_below: 0,
+            now_ns: 5_000,
+            session_ns: 10_000,
+            op,
+        };
+        let batch = Command {
+            client_id: 0,
+            seq: 0,
+            acked_below: 0,
+            now_ns: 5_000,
+            session_ns: 0,
+            op: Op::Batch {
+                cmds: vec![
+                    cmd(1, 1, mk(b"a")),
+                    // Another client's create of the same name fails alone.
+                    cmd(2, 1, mk(b"a")),
+                    cmd(1, 2, mk(b"b")),
+                    // A retry of client 1's first call, in the same entry:
+                    // the saved reply, not a second create (or EEXIST).
+                    cmd(1, 1, mk(b"a")),
+                    cmd(
+                        3,
+                        1,
+                        Op::Batch {
+                            cmds: vec![cmd(3, 2, mk(b"c"))],
+                        },
+                    ),
+                ],
+            },
+        };
+        let mut t = Txn::new(&fs.kv);
+        let r = apply_command(&mut t, &batch).unwrap();
+        let w = t.into_writes();
+        fs.kv.apply(w);
+        let Ok(Reply::Batch(each)) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(each.len(), 5);
+        let Ok(Reply::Attr(a)) = &each[0] else {
+            panic!("{:?}", each[0])
+        };
+        assert_eq!(each[1], Err(FsError::AlreadyExists));
+        assert!(matches!(each[2], Ok(Reply::Attr(_))));
+        assert_eq!(each[3], each[0], "a retry gets the saved reply");
+        assert!(matches!(each[4], Err(FsError::Internal(_))), "no nesting");
+        assert_eq!(lookup(&fs.kv, ns, root, b"a").unwrap().ino, a.ino);
+        assert!(lookup(&fs.kv, ns, root, b"c").is_err());
+        // Each command left its own saved reply, as a lone entry would.
+        assert_eq!(replies_of(&fs, 1), 2);
+        assert_eq!(replies_of(&fs, 2), 1);
+        // A later retry, in an entry of its own, gets the same answer.
+        assert_eq!(run_at(&mut fs, 2, 1, 0, 6_000, mk(b"a")), Err(FsError::AlreadyExists));
     }
 
     fn replies_of(fs: &Fs, client: u64) -> usize {

@@ -345,6 +345,13 @@ pub enum Op {
     RestoreFinish,
     /// The operator ends recovery mode: namespaces become writable.
     RecoveryLeave,
+    /// Commands of several clients that arrived together, in one log entry
+    /// (see `proposer`): applied in order, each as if it were an entry of
+    /// its own (own session, own saved reply, own failure), answered with
+    /// `Reply::Batch`. Never nested.
+    Batch {
+        cmds: Vec<Command>,
+    },
 }
 
 /// Recovery progress, replicated so that every node (and a new leader after
@@ -413,6 +420,8 @@ impl Op {
             | RestoreRows { .. }
             | RestoreFinish
             | RecoveryLeave => None,
+            // Each command in it is checked on its own when applied.
+            Batch { .. } => None,
         }
     }
 }
@@ -470,6 +479,8 @@ pub enum Reply {
     Compacted {
         applied: bool,
     },
+    /// The replies to `Op::Batch`'s commands, in order.
+    Batch(Vec<ApplyResult>),
 }
 
 /// What applying one entry produced; stored per client session so a retry

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use rand::seq::SliceRandom;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
@@ -22,6 +22,7 @@ use jfs_common::FsError;
 use crate::blockd_registry::{BlockdInfo, BlockdRegistry};
 use crate::kv::KvError;
 use crate::namespace::{self, NsError};
+use crate::proposer::{ProposeError, Proposer};
 use crate::raft_store::SmView;
 use crate::raft_types::{
     AttrRec, BlockdRec, BlockdState, Command, MetaNode, NamespaceRec, NewBlock, NodeId, Op, Raft, Reply, Slice, TimeSet,
@@ -29,6 +30,8 @@ use crate::raft_types::{
 
 pub struct MetaService {
     pub raft: Raft,
+    /// Client commands go through it, to share log entries (group commit).
+    pub proposer: Proposer,
     pub lease: Arc<crate::lease::LeaseTracker>,
     pub lease_duration: std::time::Duration,
     pub view: SmView,
@@ -211,13 +214,11 @@ impl MetaService {
             session_ns,
             op,
         };
-        match self.raft.client_write(cmd).await {
-            Ok(resp) => resp.data.map_err(Status::from),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(not_leader(f.leader_node.as_ref())),
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(FsError::Internal(e.to_string()).into())
-            }
-            Err(RaftError::Fatal(f)) => Err(FsError::Unavailable(format!("raft stopped: {f}")).into()),
+        match self.proposer.propose(cmd).await {
+            Ok(applied) => applied.map_err(Status::from),
+            Err(ProposeError::NotLeader(leader)) => Err(not_leader(leader.as_ref())),
+            Err(ProposeError::Refused(e)) => Err(FsError::Internal(e).into()),
+            Err(ProposeError::Stopped(e)) => Err(FsError::Unavailable(format!("raft stopped: {e}")).into()),
         }
     }
 

@@ -49,6 +49,21 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ),
     ("jfs_raft_log_bytes", Kind::Gauge, "on-disk size of the Raft log"),
     (
+        "jfs_raft_log_flush_entries",
+        Kind::Histogram,
+        "log entries made durable by one WAL fsync (group commit batch size)",
+    ),
+    (
+        "jfs_raft_proposal_batch_commands",
+        Kind::Histogram,
+        "client commands proposed together as one log entry (leader only)",
+    ),
+    (
+        "jfs_raft_log_fsync_seconds",
+        Kind::Histogram,
+        "time one WAL fsync of the Raft log takes",
+    ),
+    (
         "jfs_raft_snapshot_bytes",
         Kind::Gauge,
         "size of the current snapshot file",

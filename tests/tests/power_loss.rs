@@ -260,7 +260,7 @@ fn every_acknowledged_operation_survives_a_power_cut_of_all_metads() {
     rig.c.local_up();
     let c = &rig.c;
 
-    // Two threads run the workload until the power cut (of all three metads
+    // Four threads run the workload until the power cut (of all three metads
     // at once: their filesystems; what was not fsynced is gone with them).
     let w = Arc::new(Workload {
         mnt: c.mnt.clone(),
@@ -268,7 +268,10 @@ fn every_acknowledged_operation_survives_a_power_cut_of_all_metads() {
         lossyfs: rig.lossy.iter().map(Lossy::pid).collect(),
         cut_done: AtomicBool::new(false),
     });
-    let workers: Vec<_> = ["a", "b"]
+    // Four, so that commands arrive together and metad commits them as
+    // shared log entries (`Op::Batch`): a batch must be as durable as a
+    // lone entry.
+    let workers: Vec<_> = ["a", "b", "c", "d"]
         .into_iter()
         .map(|prefix| {
             let w = w.clone();

@@ -22,9 +22,13 @@ use crate::raft_types::{ApplyResult, Command, MetaNode, Op, Raft, Reply};
 const MAX_BATCH_COMMANDS: usize = 256;
 /// Most encoded bytes in one entry (a command bigger than this goes alone).
 const MAX_BATCH_BYTES: u64 = 1 << 20;
-/// Entries proposed and not yet committed. Two let the next batch's leader
-/// fsync overlap the previous one's replication; more only make batches
-/// smaller (measured with `jfs bench meta`, see docs/PERFORMANCE.md).
+/// Entries proposed and not yet committed. With one, every command waits
+/// for the commit before it, including background ones (a mount's
+/// ReleaseOrphan after each unlink, keep-alives): one writer's unlinks
+/// through FUSE fell from ~195/s to ~140/s. Two let a command go at once
+/// past one commit in flight, and batches still form under load (1.5
+/// commands per entry over a 1/4/16-client run, 7.8 at 16 clients); see
+/// docs/PERFORMANCE.md.
 const MAX_IN_FLIGHT: usize = 2;
 /// Commands waiting for a slot before new callers wait to enqueue.
 const QUEUE: usize = 8192;

@@ -68,10 +68,6 @@ fn de<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Result<T, StorageError> {
     })
 }
 
-/// Memtable size of each column family, and so about how much WAL is
-/// written before RocksDB switches to a (recycled) new file.
-const WAL_ROLL_BYTES: u64 = 4 << 20;
-
 fn idx_key(i: u64) -> [u8; 8] {
     i.to_be_bytes()
 }
@@ -87,19 +83,11 @@ pub fn open_db(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
     // that acknowledges an entry need not also journal a file-size change
     // (measured on ext4 here: 0.12 ms instead of 0.24 ms per fdatasync).
     opts.set_recycle_log_file_num(4);
-    // A WAL file is only recycled once every column family has flushed what
-    // it holds. With RocksDB's 64 MiB memtables one WAL file grew through a
-    // whole benchmark and every acknowledged entry paid an append fsync
-    // (1.4 ms on average here, against 0.14 ms for an overwrite). Small
-    // memtables and a cap on live WAL bytes roll the WAL every few MiB, so
-    // the recycled files are what the log writes over.
-    opts.set_max_total_wal_size(WAL_ROLL_BYTES * 2);
-    let cf_opts = || {
-        let mut o = Options::default();
-        o.set_write_buffer_size(WAL_ROLL_BYTES as usize);
-        o
-    };
-    let cfs = [CF_LOG, CF_RAFT, CF_SM, CF_SM_META, CF_MIRROR].map(|n| ColumnFamilyDescriptor::new(n, cf_opts()));
+    // (Smaller memtables, to roll and recycle the WAL sooner, made the
+    // log's fsyncs cheaper but one writer's creates through FUSE slower:
+    // more flushes and L0 files on the read path. See docs/PERFORMANCE.md.)
+    let cfs =
+        [CF_LOG, CF_RAFT, CF_SM, CF_SM_META, CF_MIRROR].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
     DB::open_cf_descriptors(&opts, dir, cfs).map(Arc::new)
 }
 

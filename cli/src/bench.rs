@@ -83,7 +83,12 @@ enum Op {
 
 /// Runs one phase: every client does its names, all at once. Any failure
 /// ends the run: a benchmark that skips errors measures something else.
-async fn run_phase(clients: &[Client], dir: u64, names: &[Vec<Vec<u8>>], op: Op) -> CliResult<(Duration, Vec<Duration>)> {
+async fn run_phase(
+    clients: &[Client],
+    dir: u64,
+    names: &[Vec<Vec<u8>>],
+    op: Op,
+) -> CliResult<(Duration, Vec<Duration>)> {
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (c, mine) in clients.iter().zip(names) {
@@ -206,7 +211,12 @@ pub async fn meta(cfg: &Config, args: MetaBenchArgs) -> CliResult<()> {
         );
         let dir = first.mkdir(first.root_ino(), dir_name.as_bytes(), 0o755, 0, 0).await?;
         let names: Vec<Vec<Vec<u8>>> = (0..n)
-            .map(|c| (c..args.files).step_by(n).map(|i| format!("f{i:08}").into_bytes()).collect())
+            .map(|c| {
+                (c..args.files)
+                    .step_by(n)
+                    .map(|i| format!("f{i:08}").into_bytes())
+                    .collect()
+            })
             .collect();
         let mut results = Vec::new();
         for op in [Op::Create, Op::Stat, Op::Unlink] {

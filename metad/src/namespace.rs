@@ -3043,21 +3043,26 @@ mod tests {
         fs.kv.apply(w);
     }
 
-    #[test]
-    fn a_batch_applies_each_command_as_its_own_entry() {
-        let mut fs = Fs::new();
-        let ns = fs.ns;
-        let root = ROOT_INO;
-        let mk = |name: &[u8]| Op::Mknod {
+    /// An exclusive create of a regular file `name` in the root.
+    fn create_in_root(ns: u32, name: &[u8]) -> Op {
+        Op::Mknod {
             ns,
-            parent: root,
+            parent: ROOT_INO,
             name: name.to_vec(),
             mode: S_IFREG | 0o644,
             uid: 0,
             gid: 0,
             rdev: 0,
             exclusive: true,
-        };
+        }
+    }
+
+    #[test]
+    fn a_batch_applies_each_command_as_its_own_entry() {
+        let mut fs = Fs::new();
+        let ns = fs.ns;
+        let root = ROOT_INO;
+        let mk = |name: &[u8]| create_in_root(ns, name);
         let cmd = |client: u64, seq: u64, op: Op| Command {
             client_id: client,
             seq,
@@ -3095,9 +3100,7 @@ mod tests {
         let r = apply_command(&mut t, &batch).unwrap();
         let w = t.into_writes();
         fs.kv.apply(w);
-        let Ok(Reply::Batch(each)) = r else {
-            panic!("{r:?}")
-        };
+        let Ok(Reply::Batch(each)) = r else { panic!("{r:?}") };
         assert_eq!(each.len(), 5);
         let Ok(Reply::Attr(a)) = &each[0] else {
             panic!("{:?}", each[0])
@@ -3200,16 +3203,7 @@ mod tests {
     fn an_ended_session_releases_the_files_it_kept_open() {
         let mut fs = Fs::new();
         let ns = fs.ns;
-        let mk = |name: &[u8]| Op::Mknod {
-            ns,
-            parent: ROOT_INO,
-            name: name.to_vec(),
-            mode: S_IFREG | 0o644,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            exclusive: true,
-        };
+        let mk = |name: &[u8]| create_in_root(ns, name);
         let unlink = |name: &[u8]| Op::Unlink {
             ns,
             parent: ROOT_INO,

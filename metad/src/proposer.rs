@@ -22,13 +22,12 @@ use crate::raft_types::{ApplyResult, Command, MetaNode, Op, Raft, Reply};
 const MAX_BATCH_COMMANDS: usize = 256;
 /// Most encoded bytes in one entry (a command bigger than this goes alone).
 const MAX_BATCH_BYTES: u64 = 1 << 20;
-/// Entries proposed and not yet committed. With one, every command waits
-/// for the commit before it, including background ones (a mount's
-/// ReleaseOrphan after each unlink, keep-alives): one writer's unlinks
-/// through FUSE fell from ~195/s to ~140/s. Two let a command go at once
-/// past one commit in flight, and batches still form under load (1.5
-/// commands per entry over a 1/4/16-client run, 7.8 at 16 clients); see
-/// docs/PERFORMANCE.md.
+/// Entries proposed and not yet committed. Two let a command go at once
+/// past one commit in flight (a mount's background ReleaseOrphan must not
+/// make the user's next unlink wait a whole commit), and batches still form
+/// under load (7.8 commands per entry at 16 clients). One gave somewhat
+/// larger batches (1.8 against 1.5 over a 1/4/16-client run) and no clear
+/// gain in rate within this machine's noise; see docs/PERFORMANCE.md.
 const MAX_IN_FLIGHT: usize = 2;
 /// Commands waiting for a slot before new callers wait to enqueue.
 const QUEUE: usize = 8192;

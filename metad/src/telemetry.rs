@@ -4,6 +4,9 @@
 //! (`jfs_common::telemetry`); what a scrape also needs is the state of this
 //! node, which changes on every commit. Rather than touch a gauge on each
 //! apply, a task copies it once a second: a scrape is at most that stale.
+//! A change of term or role is copied at once, because an election is what
+//! an operator looks at the endpoint for, and a scrape right after one must
+//! not show the old leader or term 0.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -118,16 +121,30 @@ impl NodeGauges {
     pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut raft_metrics = self.raft.metrics();
+        let mut seen = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                changed = raft_metrics.changed() => {
+                    if changed.is_err() {
+                        // Raft has shut down; the process is stopping.
+                        return;
+                    }
+                    let m = raft_metrics.borrow_and_update();
+                    let now = Some((m.current_term, m.state));
+                    if now == seen {
+                        continue;
+                    }
+                }
                 _ = stop.changed() => return,
             }
-            self.refresh();
+            seen = self.refresh();
         }
     }
 
-    fn refresh(&self) {
+    /// Copies every gauge; returns the term and role it saw.
+    fn refresh(&self) -> Option<(u64, ServerState)> {
         let m = self.raft.metrics().borrow().clone();
         let leader = m.state == ServerState::Leader;
         metrics::gauge!("jfs_raft_term").set(m.current_term as f64);
@@ -157,5 +174,6 @@ impl NodeGauges {
             metrics::gauge!("jfs_mirror_lag_seconds").set(s.lag_ms as f64 / 1000.0);
             metrics::gauge!("jfs_mirror_backlog_entries").set(s.backlog as f64);
         }
+        Some((m.current_term, m.state))
     }
 }

@@ -48,7 +48,9 @@ served() {
 wait_synced() {
     local deadline=$((SECONDS + $1)) rows
     while ((SECONDS < deadline)); do
-        rows=$("$J" metastatus --detail --dir "$STATE" 2>/dev/null | grep -c '_synced=1' || true)
+        # One "node N: mirror _synced=1 ..." line per node (the table above
+        # them repeats the flag, so a plain count would pass with 2 of 3).
+        rows=$("$J" metastatus --detail --dir "$STATE" 2>/dev/null | grep -c '^node [0-9]*: mirror _synced=1' || true)
         if [[ "$rows" -ge 3 ]]; then
             return 0
         fi

@@ -202,7 +202,7 @@ impl GrpcCaller {
             let ep = Endpoint::from_shared(format!("http://{addr}"))
                 .map_err(|e| FsError::InvalidArgument(format!("metad address {addr:?} is not host:port: {e}")))?
                 .connect_timeout(CONNECT_TIMEOUT);
-            let client = MetaClient::new(ep.connect_lazy())
+            let client = MetaClient::new(jfs_common::tls::channel(ep, jfs_common::tls::Role::Metad))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
             self.clients.insert(addr.to_string(), client);

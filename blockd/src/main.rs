@@ -114,6 +114,10 @@ fn lock_data_dir(dir: &Path) -> Result<File, Fatal> {
 
 fn run(args: Args) -> Result<(), Fatal> {
     let cfg = Config::load(&args.conf).map_err(|e| Fatal(e.to_string(), 2))?;
+    let tls_role = jfs_common::tls::Role::Blockd;
+    jfs_common::tls::init_client(&cfg, tls_role).map_err(|e| Fatal(e.to_string(), 2))?;
+    // Loaded now, before anything starts, so a bad certificate stops the start.
+    let server_tls = jfs_common::tls::server_for(&cfg, tls_role).map_err(|e| Fatal(e.to_string(), 2))?;
     if cfg.rpc_addresses.is_empty() {
         return Err(Fatal(
             format!(
@@ -165,7 +169,7 @@ fn run(args: Args) -> Result<(), Fatal> {
         if jfs_common::telemetry::start(&metrics_addr, "blockd").is_some() {
             jfs_common::telemetry::describe(METRICS);
         }
-        serve(args.listen, cfg, store, state).await
+        serve(args.listen, cfg, server_tls, store, state).await
     })
 }
 
@@ -215,7 +219,13 @@ const METRICS: &[(&str, Kind, &str)] = &[
     ),
 ];
 
-async fn serve(listen: String, cfg: Config, store: Arc<BlockStore>, state: NodeState) -> Result<(), Fatal> {
+async fn serve(
+    listen: String,
+    cfg: Config,
+    server_tls: Option<jfs_common::tls::ServerTls>,
+    store: Arc<BlockStore>,
+    state: NodeState,
+) -> Result<(), Fatal> {
     let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
         Fatal(
             format!("cannot listen on {listen}: {e} (is another process using the port, or is the address not on this host?)"),
@@ -265,7 +275,7 @@ async fn serve(listen: String, cfg: Config, store: Arc<BlockStore>, state: NodeS
     };
     let svc = BlockService::new(store, cfg.client_timeout, report);
     let result = tokio::select! {
-        r = service::serve(listener, svc, shutdown) => r,
+        r = service::serve(listener, server_tls, svc, shutdown) => r,
         _ = grace => {
             warn!("requests still running {SHUTDOWN_GRACE:?} after the stop signal; exiting anyway");
             Ok(())

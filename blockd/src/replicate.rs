@@ -231,9 +231,8 @@ impl Replicator {
         if let Some(ch) = map.get(addr) {
             return Ok(ch.clone());
         }
-        let ch = jfs_common::block_endpoint(addr)
-            .map_err(|e| FsError::InvalidArgument(format!("source {e}")))?
-            .connect_lazy();
+        let ep = jfs_common::block_endpoint(addr).map_err(|e| FsError::InvalidArgument(format!("source {e}")))?;
+        let ch = jfs_common::tls::channel(ep, jfs_common::tls::Role::Blockd);
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }
@@ -314,7 +313,7 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let svc = BlockService::new(store, Duration::from_secs(10), report);
-        tokio::spawn(serve(listener, svc, async {
+        tokio::spawn(serve(listener, None, svc, async {
             let _ = rx.await;
         }));
         (addr, tx)

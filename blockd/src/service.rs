@@ -73,18 +73,22 @@ impl BlockService {
 /// Serves the Block service on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<jfs_common::tls::ServerTls>,
     service: BlockService,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let auth = jfs_common::tls::AuthLayer::new(tls.is_some());
+    let incoming = jfs_common::tls::incoming(listener, tls, "block");
     tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(Some(MAX_FRAME))
+        .max_concurrent_streams(Some(jfs_common::MAX_STREAMS_PER_CONNECTION))
         // Notices clients that vanished without closing, so their streams are freed.
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(jfs_common::telemetry::RpcMetricsLayer::new("block"))
+        .layer(auth)
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
@@ -282,7 +286,7 @@ mod tests {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let report = Report::default();
         let svc = BlockService::new(Arc::clone(&store), Duration::from_secs(10), report.clone());
-        tokio::spawn(serve(listener, svc, async {
+        tokio::spawn(serve(listener, None, svc, async {
             let _ = stop_rx.await;
         }));
         let client = BlockClient::connect(format!("http://{addr}"))

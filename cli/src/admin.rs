@@ -84,10 +84,11 @@ pub async fn list_namespaces(cfg: &Config) -> CliResult<()> {
                 } else {
                     "normal".into()
                 },
+                grants_text(n),
             ]
         })
         .collect();
-    let table = format_table(&["NAME", "ID", "BLOCK SIZE", "REPLICATION", "MODE"], &rows);
+    let table = format_table(&["NAME", "ID", "BLOCK SIZE", "REPLICATION", "MODE", "GRANTS"], &rows);
     crate::say!("{}", table.trim_end());
     Ok(())
 }
@@ -116,6 +117,52 @@ pub async fn set_replication(cfg: &Config, name: &str, replication: u32) -> CliR
         ns.replication,
         ns.name
     );
+    Ok(())
+}
+
+/// Grants as `jfs admin list-namespaces` shows them: `*:rw alice:ro`.
+fn grants_text(n: &rpc::NamespaceInfo) -> String {
+    if n.grants.is_empty() {
+        return "(none)".into();
+    }
+    n.grants
+        .iter()
+        .map(|g| format!("{}:{}", g.principal, if g.read_only { "ro" } else { "rw" }))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `jfs admin namespace grant|revoke`: `read_only` is `None` to revoke.
+pub async fn set_access(cfg: &Config, name: &str, principal: &str, read_only: Option<bool>) -> CliResult<()> {
+    check_namespace_name(name)?;
+    if principal.is_empty() || principal.chars().count() > 64 || principal.chars().any(char::is_control) {
+        return Err(CliError::Usage(format!(
+            "{principal:?}: name a client certificate (its --name, 1 to 64 printable characters) or \"*\" for every \
+             client"
+        )));
+    }
+    let (name, principal) = (name.to_string(), principal.to_string());
+    let ns = meta_client(cfg)
+        .call_mut(|mut c, hdr| {
+            let req = rpc::SetNamespaceAccessRequest {
+                hdr: Some(hdr),
+                namespace: name.clone(),
+                principal: principal.clone(),
+                read_only: read_only.unwrap_or(false),
+                revoke: read_only.is_none(),
+            };
+            async move { c.set_namespace_access(req).await }
+        })
+        .await?;
+    crate::say!("namespace {:?}: grants {}", ns.name, grants_text(&ns));
+    if !cfg.tls_enabled {
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "warning: security.tls.enabled is false in this config: if the cluster runs without TLS, nobody \
+             is authenticated and grants are not enforced"
+        );
+    }
     Ok(())
 }
 

@@ -82,7 +82,7 @@ pub fn set_config_key(text: &str, key: &str, value: &str) -> String {
 }
 
 /// The config a fresh local cluster gets.
-pub fn local_config_text(state: &Path, ip: &str, mirror: bool) -> String {
+pub fn local_config_text(state: &Path, ip: &str, mirror: bool, tls: bool) -> String {
     let initial: Vec<String> = (1..=METAD_COUNT)
         .map(|i| format!("{ip}:{}:0", metad_raft_port(i)))
         .collect();
@@ -111,7 +111,17 @@ pub fn local_config_text(state: &Path, ip: &str, mirror: bool) -> String {
         rpc.join(","),
         toml_string(&state.join("metad")),
         toml_string(&state.join("blockd")),
-    ) + &if mirror {
+    ) + &if tls {
+        format!(
+            "# Mutual TLS on every connection, with certificates from the cluster's own CA\n\
+             # (STATE/ca; one per role in STATE/tls, made by `jfs local up`).\n\
+             security.tls.enabled = true\n\
+             security.tls.dir = {}\n",
+            toml_string(&state.join("tls"))
+        )
+    } else {
+        String::new()
+    } + &if mirror {
         format!(
             "# Metadata is mirrored to the local table store (a DynamoDB-compatible server\n\
              # on {ip}:{TABLESTORE_PORT}, data in STATE/tablestore); for real DynamoDB drop the\n\
@@ -457,7 +467,7 @@ fn host_of(addr: &str) -> &str {
 }
 
 /// Creates the state directory and its config if needed; returns the config and the IP.
-fn prepare_state(dir: &Path, ip: Option<&str>, mirror: bool) -> CliResult<(Layout, Config, String)> {
+fn prepare_state(dir: &Path, ip: Option<&str>, opts: UpOptions) -> CliResult<(Layout, Config, String)> {
     if let Some(ip) = ip {
         if ip.parse::<Ipv4Addr>().is_err() {
             return Err(CliError::Usage(format!(
@@ -474,8 +484,16 @@ fn prepare_state(dir: &Path, ip: Option<&str>, mirror: bool) -> CliResult<(Layou
     let conf = layout.conf();
     if !conf.exists() {
         let ip = ip.unwrap_or(DEFAULT_IP);
-        write_atomic(&conf, &local_config_text(&layout.state, ip, mirror))?;
+        write_atomic(
+            &conf,
+            &local_config_text(&layout.state, ip, !opts.no_mirror, !opts.no_tls),
+        )?;
         crate::say!("wrote {} (cluster on {ip})", conf.display());
+    }
+    // Certificates first: loading the config below picks this process's TLS identity.
+    let plain = Config::load(&conf)?;
+    if plain.tls_enabled && plain.tls_dir == layout.state.join("tls") {
+        crate::ca::ensure_local(&layout.state)?;
     }
     let cfg = crate::load_config(&conf)?;
     let conf_ip = host_of(&cfg.peers[0].rpc_addr).to_string();
@@ -499,6 +517,8 @@ pub struct UpOptions {
     /// Start the metadata cluster in recovery mode and restore it from the
     /// table store (the state's metad data must have been dropped).
     pub recovery: bool,
+    /// A new state directory gets no TLS (plaintext connections).
+    pub no_tls: bool,
 }
 
 /// Switches an existing state to recovery mode: recovery on, mirror off.
@@ -537,7 +557,7 @@ fn enter_recovery(layout: &Layout) -> CliResult<Config> {
 
 pub async fn up(dir: &Path, ip: Option<&str>, mountpoint: &Path, opts: UpOptions) -> CliResult<()> {
     let started_at = Instant::now();
-    let (layout, mut cfg, ip) = prepare_state(dir, ip, !opts.no_mirror)?;
+    let (layout, mut cfg, ip) = prepare_state(dir, ip, opts)?;
     if opts.recovery {
         cfg = enter_recovery(&layout)?;
     }
@@ -989,10 +1009,12 @@ mod tests {
 
     #[test]
     fn generated_config_parses() {
-        let text = local_config_text(Path::new("/tmp/state dir"), "127.0.7.1", true);
+        let text = local_config_text(Path::new("/tmp/state dir"), "127.0.7.1", true, true);
         let cfg = Config::from_toml_str(&text, Path::new("jfs.toml")).unwrap();
         assert_eq!(cfg.peers.len(), 3);
         assert_eq!(cfg.peers[2].raft_addr, "127.0.7.1:8123");
+        assert!(cfg.tls_enabled);
+        assert_eq!(cfg.tls_dir, Path::new("/tmp/state dir/tls"));
         assert_eq!(cfg.peers[1].rpc_addr, "127.0.7.1:8111");
         assert_eq!(cfg.replication, 3);
         assert_eq!(cfg.block_gc_grace, std::time::Duration::from_secs(10));
@@ -1003,7 +1025,7 @@ mod tests {
         let text = set_config_key(&text, MIRROR_KEY, "false");
         let cfg = Config::from_toml_str(&text, Path::new("jfs.toml")).unwrap();
         assert!(!cfg.mirror_enabled && cfg.recovery_mode);
-        let plain = local_config_text(Path::new("/s"), "127.0.0.1", false);
+        let plain = local_config_text(Path::new("/s"), "127.0.0.1", false, false);
         let cfg = Config::from_toml_str(&plain, Path::new("jfs.toml")).unwrap();
         assert!(!cfg.mirror_enabled && cfg.dynamodb.endpoint.is_none());
     }

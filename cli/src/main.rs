@@ -7,6 +7,7 @@
 
 mod admin;
 mod bench;
+mod ca;
 mod completions;
 mod fs_cmd;
 mod fsck;
@@ -150,6 +151,10 @@ enum LocalCommand {
         /// FINISH, mount read-only. Leave recovery mode with `jfs admin recovery finish`.
         #[arg(long)]
         recovery: bool,
+        /// For a new state directory: plaintext connections instead of mutual TLS (the default
+        /// makes a CA in STATE/ca and certificates in STATE/tls).
+        #[arg(long)]
+        no_tls: bool,
     },
     /// Unmount the local cluster's mounts and stop its daemons. Safe to run again.
     Down {
@@ -204,7 +209,7 @@ enum AdminCommand {
     },
     /// List namespaces with their block size and replication.
     ListNamespaces,
-    /// Namespaces: replication.
+    /// Namespaces: replication, access grants.
     #[command(subcommand)]
     Namespace(NamespaceCommand),
     /// Storage daemons: list, decommission, remove.
@@ -229,6 +234,62 @@ enum AdminCommand {
     /// The table-store mirror: check the tables against the namespace.
     #[command(subcommand)]
     Mirror(MirrorCommand),
+    /// The cluster certificate authority (mutual TLS): create it.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Certificates for daemons, mounts and operators, signed by the cluster CA.
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Create the cluster's CA: DIR/ca.key (mode 600; whoever holds it can join any node to the
+    /// cluster, so keep it off the cluster's hosts if you can) and DIR/ca.crt. Refuses to
+    /// replace an existing CA without --force, as that would invalidate every certificate.
+    Init {
+        /// Where to put ca.key and ca.crt (created with mode 700).
+        #[arg(long, value_name = "DIR", default_value = "/etc/jfs/ca")]
+        dir: PathBuf,
+        /// The CA's common name, shown by `openssl x509 -text`.
+        #[arg(long, value_name = "NAME", default_value = "jfs cluster CA")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, value_name = "DAYS", default_value_t = 3650)]
+        days: u32,
+        /// Replace an existing CA (every certificate it issued stops being accepted).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertCommand {
+    /// Issue a key and certificate for one role. Writes OUT/ROLE.key (mode 600), OUT/ROLE.crt
+    /// and OUT/ca.crt: copy OUT to the host's security.tls.dir. Overwriting the files of a
+    /// running daemon or mount rotates its certificate within a second, without a restart.
+    Issue {
+        /// What the holder may do: metad (Raft), blockd (storage), client (mounts: file
+        /// operations), admin (the jfs CLI: also cluster administration).
+        #[arg(long, value_name = "ROLE", value_parser = ["metad", "blockd", "client", "admin"])]
+        role: String,
+        /// Who holds it (host or user name); namespace grants refer to client names.
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// The CA directory (`jfs admin ca init --dir`).
+        #[arg(long, value_name = "DIR", default_value = "/etc/jfs/ca")]
+        ca_dir: PathBuf,
+        /// Where to write the files.
+        #[arg(long, value_name = "OUT", default_value = "/etc/jfs/tls")]
+        out: PathBuf,
+        /// Validity in days (0 issues an already-expired certificate, for testing refusal).
+        #[arg(long, value_name = "DAYS", default_value_t = 365)]
+        days: u32,
+        /// Extra subject-alternative names (host names or IP addresses), for other tools;
+        /// jfs itself checks the role, not the address.
+        #[arg(long, value_name = "NAME")]
+        san: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -361,6 +422,28 @@ enum NamespaceCommand {
         name: String,
         #[arg(value_name = "N")]
         replication: u32,
+    },
+    /// Let the client certificate NAME (its --name at `jfs admin cert issue`) mount the
+    /// namespace, read-write or with --read-only. `*` stands for every client; a new namespace
+    /// grants `*` read-write. A name's own grant wins over `*`. Grants are enforced only with
+    /// security.tls.enabled (without TLS nobody is authenticated); admin certificates are not
+    /// limited by them. Mounts already up keep running; a revoked client's next call is refused.
+    Grant {
+        #[arg(value_name = "NAMESPACE")]
+        name: String,
+        #[arg(value_name = "CLIENT")]
+        principal: String,
+        /// Reads only: the client mounts read-only and every change fails with EROFS.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Take back CLIENT's grant (`*`: the grant to every client). Clients left without a grant
+    /// of their own or through `*` can no longer mount the namespace or use it.
+    Revoke {
+        #[arg(value_name = "NAMESPACE")]
+        name: String,
+        #[arg(value_name = "CLIENT")]
+        principal: String,
     },
 }
 
@@ -522,6 +605,8 @@ pub fn resolve_conf_path(conf: Option<&Path>) -> CliResult<PathBuf> {
 
 pub fn load_config(path: &Path) -> CliResult<Config> {
     let cfg = Config::load(path)?;
+    // One identity per process, chosen with the first config it loads.
+    jfs_common::tls::init_client(&cfg, ca::cli_role(&cfg.tls_dir)).map_err(|e| CliError::Failed(e.to_string()))?;
     if cfg.peers.is_empty() {
         return Err(CliError::Usage(format!(
             "config file {} lists no metad nodes; set namespace.backend.raft.initial-conf and \
@@ -552,13 +637,18 @@ async fn run(cli: Cli) -> CliResult<()> {
             mountpoint,
             no_mirror,
             recovery,
+            no_tls,
         }) => {
             if conf.is_some() {
                 return Err(CliError::Usage(
                     "`jfs local up` writes and uses STATE/jfs.toml; drop --conf (choose the state with --dir)".into(),
                 ));
             }
-            let opts = local_cluster::UpOptions { no_mirror, recovery };
+            let opts = local_cluster::UpOptions {
+                no_mirror,
+                recovery,
+                no_tls,
+            };
             local_cluster::up(&dir, ip.as_deref(), &mountpoint, opts).await
         }
         Command::Local(LocalCommand::Down { dir, drop_metadata }) => local_cluster::down(&dir, drop_metadata).await,
@@ -566,6 +656,29 @@ async fn run(cli: Cli) -> CliResult<()> {
             let path = metastatus_conf_path(args.dir.as_deref(), conf)?;
             let cfg = load_config(&path)?;
             metastatus::run(&cfg, args.detail, args.digest, args.metrics).await
+        }
+        // The CA commands work on files only: no config, no cluster.
+        Command::Admin(AdminCommand::Ca(CaCommand::Init { dir, name, days, force })) => {
+            ca::init(&dir, &name, days, force)?;
+            println!("created the cluster CA in {} (keep ca.key private)", dir.display());
+            Ok(())
+        }
+        Command::Admin(AdminCommand::Cert(CertCommand::Issue {
+            role,
+            name,
+            ca_dir,
+            out,
+            days,
+            san,
+        })) => {
+            let role = jfs_common::tls::Role::parse(&role)
+                .ok_or_else(|| CliError::Usage(format!("--role {role:?}: use metad, blockd, client or admin")))?;
+            ca::issue(&ca_dir, &out, role, &name, days, &san)?;
+            println!(
+                "issued a {role} certificate for {name:?}: {}/{role}.crt and {role}.key",
+                out.display()
+            );
+            Ok(())
         }
         Command::Admin(cmd) => {
             let cfg = load_config(&resolve_conf_path(conf)?)?;
@@ -579,6 +692,14 @@ async fn run(cli: Cli) -> CliResult<()> {
                 AdminCommand::ListNamespaces => admin::list_namespaces(&cfg).await,
                 AdminCommand::Namespace(NamespaceCommand::SetReplication { name, replication }) => {
                     admin::set_replication(&cfg, &name, replication).await
+                }
+                AdminCommand::Namespace(NamespaceCommand::Grant {
+                    name,
+                    principal,
+                    read_only,
+                }) => admin::set_access(&cfg, &name, &principal, Some(read_only)).await,
+                AdminCommand::Namespace(NamespaceCommand::Revoke { name, principal }) => {
+                    admin::set_access(&cfg, &name, &principal, None).await
                 }
                 AdminCommand::Blockd(BlockdCommand::List) => admin::list_blockds(&cfg).await,
                 AdminCommand::Blockd(BlockdCommand::Decommission { id }) => {
@@ -610,6 +731,7 @@ async fn run(cli: Cli) -> CliResult<()> {
                 }
                 AdminCommand::Recovery(RecoveryCommand::Finish) => admin::recovery_finish(&cfg).await,
                 AdminCommand::Mirror(MirrorCommand::Verify) => admin::mirror_verify(&cfg).await,
+                AdminCommand::Ca(_) | AdminCommand::Cert(_) => unreachable!("handled above"),
             }
         }
         Command::Fsck { uri } => {

@@ -45,10 +45,13 @@ pub async fn probe_status(rpc_addr: &str, timeout: Duration, digest: bool) -> Re
         .map_err(|e| FsError::InvalidArgument(format!("bad metad address {rpc_addr:?}: {e}")))?
         .connect_timeout(connect_timeout)
         .timeout(timeout);
-    let channel = tokio::time::timeout(connect_timeout, endpoint.connect())
-        .await
-        .map_err(|_| FsError::Unavailable(format!("no answer within {connect_timeout:?}")))?
-        .map_err(|e| FsError::Unavailable(connect_error_text(&e)))?;
+    let channel = tokio::time::timeout(
+        connect_timeout,
+        jfs_common::tls::connect(endpoint, jfs_common::tls::Role::Metad),
+    )
+    .await
+    .map_err(|_| FsError::Unavailable(format!("no answer within {connect_timeout:?}")))?
+    .map_err(|e| FsError::Unavailable(connect_error_text(&e)))?;
     let mut client = MetaClient::new(channel)
         .max_decoding_message_size(jfs_common::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(jfs_common::MAX_MESSAGE_BYTES);

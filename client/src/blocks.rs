@@ -117,7 +117,10 @@ impl BlockPool {
         if let Some(ch) = map.get(addr) {
             return Ok(ch.clone());
         }
-        let ch = jfs_common::block_endpoint(addr).map_err(FsError::Io)?.connect_lazy();
+        let ch = jfs_common::tls::channel(
+            jfs_common::block_endpoint(addr).map_err(FsError::Io)?,
+            jfs_common::tls::Role::Blockd,
+        );
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }

@@ -264,7 +264,7 @@ impl MetaClient {
     /// Asks one node for its own view (`Status` is answered by followers
     /// too). No retry, no leader following; bounded by `timeout`.
     pub async fn status_of(addr: &str, timeout: Duration) -> FsResult<NodeStatus> {
-        let ch = endpoint(addr)?.timeout(timeout).connect_lazy();
+        let ch = jfs_common::tls::channel(endpoint(addr)?.timeout(timeout), jfs_common::tls::Role::Metad);
         let fut = async move { stub(ch).status(rpc::StatusRequest::default()).await };
         match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
@@ -474,7 +474,7 @@ impl MetaClient {
         if let Some(ch) = st.channels.get(addr) {
             return Ok(ch.clone());
         }
-        let ch = endpoint(addr)?.connect_lazy();
+        let ch = jfs_common::tls::channel(endpoint(addr)?, jfs_common::tls::Role::Metad);
         st.channels.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }

@@ -36,6 +36,9 @@ pub struct MetaPeer {
     pub rpc_addr: String,
 }
 
+/// Largest config file accepted.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub peers: Vec<MetaPeer>,
@@ -75,6 +78,10 @@ pub struct Config {
     pub metad_metrics_address: String,
     pub blockd_metrics_address: String,
     pub mount_metrics_address: String,
+    /// Mutual TLS on every connection (`security.tls.enabled`).
+    pub tls_enabled: bool,
+    /// `ca.crt` and `<role>.crt`/`<role>.key` (`security.tls.dir`).
+    pub tls_dir: PathBuf,
 }
 
 /// Where the table-store mirror writes, and as whom.
@@ -158,6 +165,8 @@ impl Default for Config {
             metad_metrics_address: "0.0.0.0:9410".into(),
             blockd_metrics_address: "0.0.0.0:9420".into(),
             mount_metrics_address: String::new(),
+            tls_enabled: false,
+            tls_dir: PathBuf::from("/etc/jfs/tls"),
         }
     }
 }
@@ -315,6 +324,18 @@ const KEYS: &[(&str, Setter)] = &[
         c.mount_metrics_address = as_metrics_addr(v)?;
         Ok(())
     }),
+    ("security.tls.enabled", |c, v| {
+        c.tls_enabled = as_bool(v)?;
+        Ok(())
+    }),
+    ("security.tls.dir", |c, v| {
+        let d = as_str(v)?;
+        if d.is_empty() {
+            return Err("must be a directory holding ca.crt and <role>.crt/<role>.key".into());
+        }
+        c.tls_dir = PathBuf::from(d);
+        Ok(())
+    }),
 ];
 
 /// An IP:port to listen on, or `""` for off.
@@ -459,9 +480,28 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        use std::io::Read as _;
+        let read_err = |source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
+        };
+        // A config is a few kilobytes; reading at most a bound keeps a
+        // wrong path (a device, a huge file) from exhausting memory.
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .map_err(read_err)?
+            .take(MAX_CONFIG_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::Syntax {
+                path: path.to_path_buf(),
+                message: format!("larger than {MAX_CONFIG_BYTES} bytes; is this the right file?"),
+            });
+        }
+        let text = String::from_utf8(bytes).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
         })?;
         Config::from_toml_str(&text, path)
     }

@@ -72,6 +72,14 @@ pub enum FsError {
     ClusterMismatch(String),
     #[error("read-only file system")]
     ReadOnly,
+    /// The caller's certificate does not allow this call (wrong role, or a
+    /// namespace it was not granted).
+    #[error("access denied: {0}")]
+    AccessDenied(String),
+    /// A change in a namespace the caller may only read
+    /// (`jfs admin namespace grant --read-only`).
+    #[error("read-only grant: {0}")]
+    GrantReadOnly(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -106,6 +114,8 @@ impl FsError {
             RecoveryReadOnly => (RECOVERY_READ_ONLY_CODE, libc::EROFS, Code::FailedPrecondition),
             ClusterMismatch(_) => (25022, libc::EIO, Code::FailedPrecondition),
             ReadOnly => (25023, libc::EROFS, Code::FailedPrecondition),
+            AccessDenied(_) => (25026, libc::EACCES, Code::PermissionDenied),
+            GrantReadOnly(_) => (25027, libc::EROFS, Code::PermissionDenied),
             Internal(_) => (25099, libc::EIO, Code::Internal),
         }
     }
@@ -158,6 +168,8 @@ impl FsError {
             RECOVERY_READ_ONLY_CODE => RecoveryReadOnly,
             25022 => ClusterMismatch(m),
             25023 => ReadOnly,
+            25026 => AccessDenied(m),
+            25027 => GrantReadOnly(m),
             25099 => Internal(m),
             _ => return None,
         })
@@ -169,7 +181,7 @@ impl FsError {
         use FsError::*;
         match self {
             InvalidArgument(m) | NoSpace(m) | NotSupported(m) | Io(m) | Corrupt(m) | Unavailable(m)
-            | NamespaceNotFound(m) | ClusterMismatch(m) | Internal(m) => m.clone(),
+            | NamespaceNotFound(m) | ClusterMismatch(m) | AccessDenied(m) | GrantReadOnly(m) | Internal(m) => m.clone(),
             other => other.to_string(),
         }
     }
@@ -256,6 +268,8 @@ mod tests {
             RecoveryReadOnly,
             ClusterMismatch("a != b".into()),
             ReadOnly,
+            AccessDenied("a client certificate may not join Raft".into()),
+            GrantReadOnly("client certificate \"bob\" has a read-only grant".into()),
             Internal("bug".into()),
         ]
     }

@@ -7,6 +7,7 @@ pub mod manpage;
 pub mod names;
 pub mod slices;
 pub mod telemetry;
+pub mod tls;
 
 /// Generated from `proto/jfs.proto`.
 pub mod rpc {
@@ -36,6 +37,11 @@ pub use error::{FsError, FsResult};
 
 /// Largest gRPC message any jfs service accepts: a block chunk plus headroom.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Requests one connection may have in flight at a server. A mount sends
+/// a few dozen at most; the bound keeps one hostile connection from
+/// holding unbounded memory (each stream may buffer a message).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 512;
 
 /// How every process dials a blockd's Block service (mountd's reads and
 /// writes, a blockd copying from another). `addr` is host:port.

@@ -102,7 +102,7 @@ async fn may_campaign(
                 let Ok(ep) = Endpoint::from_shared(format!("http://{}", node.rpc_addr)) else {
                     continue;
                 };
-                let ch = ep.connect_timeout(ASK_TIMEOUT).connect_lazy();
+                let ch = jfs_common::tls::channel(ep.connect_timeout(ASK_TIMEOUT), jfs_common::tls::Role::Metad);
                 channels.insert(node.rpc_addr.clone(), ch.clone());
                 ch
             }

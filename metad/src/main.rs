@@ -129,7 +129,9 @@ async fn existing_cluster(cfg: &Config, me: u64) -> Option<Vec<u64>> {
         let ep = ep
             .connect_timeout(Duration::from_millis(500))
             .timeout(Duration::from_secs(1));
-        let Ok(ch) = ep.connect().await else { continue };
+        let Ok(ch) = jfs_common::tls::connect(ep, jfs_common::tls::Role::Metad).await else {
+            continue;
+        };
         if let Ok(st) = MetaClient::new(ch).status(StatusRequest::default()).await {
             let st = st.into_inner();
             if st.applied_index > 0 || !st.cluster_id.is_empty() {
@@ -151,8 +153,7 @@ async fn join_cluster(addr: String, me: u64, node: MetaNode) {
             let ep = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
                 .map_err(|e| jfs_common::FsError::InvalidArgument(format!("bad --join address {target}: {e}")))?
                 .connect_timeout(Duration::from_secs(2));
-            let ch = ep
-                .connect()
+            let ch = jfs_common::tls::connect(ep, jfs_common::tls::Role::Metad)
                 .await
                 .map_err(|e| jfs_common::FsError::Unavailable(format!("cannot reach {target}: {e}")))?;
             MetaClient::new(ch)
@@ -227,10 +228,6 @@ async fn ensure_cluster_id(raft: Raft, view: raft_store::SmView, node_id: u64) {
 
 /// Accepted connections with Nagle off: our requests are small and latency
 /// bound (a delayed ACK would add ~40 ms to each round trip).
-fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
-}
-
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
@@ -254,6 +251,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.node_id == 0 {
         bail!("--node-id must be 1 or more");
     }
+    // Certificates load before anything listens or dials, so a bad one stops
+    // the start with the file to fix.
+    let tls_role = jfs_common::tls::Role::Metad;
+    jfs_common::tls::init_client(&cfg, tls_role).map_err(|e| anyhow!("{e}"))?;
+    let server_tls = jfs_common::tls::server_for(&cfg, tls_role).map_err(|e| anyhow!("{e}"))?;
     let conf_peer = cfg.peer(args.node_id).cloned();
     let data_dir = args
         .data_dir
@@ -479,18 +481,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let stop_rx_healer = stop_rx;
     let rpc_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .max_concurrent_streams(Some(jfs_common::MAX_STREAMS_PER_CONNECTION))
         .layer(jfs_common::telemetry::RpcMetricsLayer::new("meta"))
+        .layer(jfs_common::tls::AuthLayer::new(cfg.tls_enabled))
         .add_service(meta_svc)
-        .serve_with_incoming_shutdown(incoming(rpc_listener), async move {
-            let _ = stop_a.changed().await;
-        });
+        .serve_with_incoming_shutdown(
+            jfs_common::tls::incoming(rpc_listener, server_tls.clone(), "meta"),
+            async move {
+                let _ = stop_a.changed().await;
+            },
+        );
     let raft_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .max_concurrent_streams(Some(jfs_common::MAX_STREAMS_PER_CONNECTION))
         .layer(jfs_common::telemetry::RpcMetricsLayer::new("raft"))
+        .layer(jfs_common::tls::AuthLayer::new(cfg.tls_enabled))
         .add_service(raft_svc)
-        .serve_with_incoming_shutdown(incoming(raft_listener), async move {
-            let _ = stop_b.changed().await;
-        });
+        .serve_with_incoming_shutdown(
+            jfs_common::tls::incoming(raft_listener, server_tls, "raft"),
+            async move {
+                let _ = stop_b.changed().await;
+            },
+        );
     let servers = tokio::spawn(async move { tokio::try_join!(rpc_server, raft_server) });
     // Both ports are bound: clients and peers connecting from now on are
     // served. systemd (Type=notify) starts units ordered after this one only

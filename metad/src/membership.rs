@@ -226,8 +226,7 @@ impl Membership {
             .map_err(|e| FsError::InvalidArgument(format!("bad rpc address of node {to}: {e}")))?
             .connect_timeout(Duration::from_secs(1))
             .timeout(Duration::from_secs(2));
-        let ch = ep
-            .connect()
+        let ch = jfs_common::tls::connect(ep, jfs_common::tls::Role::Metad)
             .await
             .map_err(|e| FsError::Unavailable(format!("cannot reach metad node {to} at {}: {e}", target.rpc_addr)))?;
         MetaClient::new(ch)

@@ -22,8 +22,8 @@ use std::collections::BTreeMap;
 use jfs_common::slices::{self, Slice};
 
 use crate::raft_types::{
-    ApplyResult, AttrRec, BlockInfo, BlockdRec, BlockdState, ChunkRec, Command, LockRec, NamespaceRec, NewBlock, Op,
-    RecoveryRec, Reply, SessionRec, TimeSet, LOCK_UNLOCK, LOCK_WRITE,
+    valid_principal, AccessRec, ApplyResult, AttrRec, BlockInfo, BlockdRec, BlockdState, ChunkRec, Command, LockRec,
+    NamespaceRec, NewBlock, Op, RecoveryRec, Reply, SessionRec, TimeSet, LOCK_UNLOCK, LOCK_WRITE,
 };
 
 pub const ROOT_INO: u64 = 1;
@@ -178,6 +178,15 @@ pub fn namespace_by_id<R: KvRead + ?Sized>(kv: &R, ns: u32) -> Result<Option<Nam
     kv.get(&keys::ns_meta(ns, "record"))?
         .map(|v| decode("namespace", &v))
         .transpose()
+}
+
+/// Who may use namespace `ns` (everyone read-write if no grant was ever
+/// changed).
+pub fn namespace_access<R: KvRead + ?Sized>(kv: &R, ns: u32) -> Result<AccessRec, KvError> {
+    Ok(match kv.get(&keys::ns_meta(ns, "access"))? {
+        Some(v) => decode("namespace access", &v)?,
+        None => AccessRec::default(),
+    })
 }
 
 pub fn list_namespaces<R: KvRead + ?Sized>(kv: &R) -> Result<Vec<NamespaceRec>, KvError> {
@@ -672,7 +681,10 @@ fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<R
             let refused = cmd.op.namespace().is_some()
                 || matches!(
                     cmd.op,
-                    Op::CreateNamespace { .. } | Op::SetReplication { .. } | Op::AllocateBlocks { .. }
+                    Op::CreateNamespace { .. }
+                        | Op::SetReplication { .. }
+                        | Op::SetNamespaceAccess { .. }
+                        | Op::AllocateBlocks { .. }
                 )
                 || (!r.finished
                     && matches!(
@@ -983,6 +995,29 @@ fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<R
             rec.replication = *replication;
             c.t.put(keys::namespace(name), encode(&rec));
             c.t.put(keys::ns_meta(rec.id, "record"), encode(&rec));
+            Ok(Reply::Namespace(rec))
+        }
+        Op::SetNamespaceAccess {
+            name,
+            principal,
+            access,
+        } => {
+            if !valid_principal(principal) {
+                return Err(FsError::InvalidArgument(format!(
+                    "grant to {principal:?}: name a client certificate (1 to 64 printable characters) or \"*\""
+                ))
+                .into());
+            }
+            let Some(v) = c.t.get(&keys::namespace(name))? else {
+                return Err(FsError::NamespaceNotFound(name.clone()).into());
+            };
+            let rec: NamespaceRec = decode("namespace", &v)?;
+            let mut acl = namespace_access(&*c.t, rec.id)?;
+            match access {
+                Some(a) => acl.grants.insert(principal.clone(), *a),
+                None => acl.grants.remove(principal),
+            };
+            c.t.put(keys::ns_meta(rec.id, "access"), encode(&acl));
             Ok(Reply::Namespace(rec))
         }
     }
@@ -2088,6 +2123,10 @@ impl<R: KvRead + ?Sized> KvRead for Txn<'_, R> {
         Txn::scan(self, prefix, after, limit)
     }
 }
+
+#[cfg(test)]
+#[path = "namespace_fuzz.rs"]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {

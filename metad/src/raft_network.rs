@@ -68,7 +68,7 @@ impl PeerClient {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
-        let c = RaftClient::new(ep.connect_lazy())
+        let c = RaftClient::new(jfs_common::tls::channel(ep, jfs_common::tls::Role::Metad))
             .max_decoding_message_size(jfs_common::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(jfs_common::MAX_MESSAGE_BYTES);
         self.client = Some(c.clone());

@@ -5,6 +5,7 @@
 //! the leader with the time and the client's (id, seq) before it is proposed,
 //! so applying it is deterministic on every node.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Cursor;
 
@@ -352,6 +353,55 @@ pub enum Op {
     Batch {
         cmds: Vec<Command>,
     },
+    /// Grants `principal` (a client certificate name, or `*`) `access` to
+    /// namespace `name`; `None` revokes its grant.
+    SetNamespaceAccess {
+        name: String,
+        principal: String,
+        access: Option<Access>,
+    },
+}
+
+/// What a grant allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Access {
+    ReadWrite,
+    ReadOnly,
+}
+
+/// Who may use a namespace: client certificate names and `*` (anyone with
+/// a client certificate). Kept under its own key beside the namespace
+/// record rather than in it, so records written before grants existed
+/// still decode; a namespace without one is open to everyone read-write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessRec {
+    pub grants: BTreeMap<String, Access>,
+}
+
+/// The principal that stands for every client.
+pub const EVERYONE: &str = "*";
+
+impl Default for AccessRec {
+    fn default() -> Self {
+        AccessRec {
+            grants: BTreeMap::from([(EVERYONE.to_string(), Access::ReadWrite)]),
+        }
+    }
+}
+
+impl AccessRec {
+    /// What client `name` may do: its own grant, else everyone's, else
+    /// nothing. A name's own grant wins over `*` either way, so a namespace
+    /// open to all read-write can still be read-only to one client.
+    pub fn for_client(&self, name: &str) -> Option<Access> {
+        self.grants.get(name).or_else(|| self.grants.get(EVERYONE)).copied()
+    }
+}
+
+/// A grant's principal: a certificate name as `jfs admin cert issue`
+/// accepts it (1 to 64 printable characters), or `*`.
+pub fn valid_principal(p: &str) -> bool {
+    !p.is_empty() && p.chars().count() <= 64 && !p.chars().any(char::is_control)
 }
 
 /// Recovery progress, replicated so that every node (and a new leader after
@@ -419,7 +469,8 @@ impl Op {
             | RestoreBegin { .. }
             | RestoreRows { .. }
             | RestoreFinish
-            | RecoveryLeave => None,
+            | RecoveryLeave
+            | SetNamespaceAccess { .. } => None,
             // Each command in it is checked on its own when applied.
             Batch { .. } => None,
         }

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use jfs_common::config::Config;
 use jfs_common::rpc::{self, meta_server::Meta};
+use jfs_common::tls::{self, Identity, Role};
 use jfs_common::FsError;
 
 use crate::blockd_registry::{BlockdInfo, BlockdRegistry};
@@ -25,7 +26,8 @@ use crate::namespace::{self, NsError};
 use crate::proposer::{ProposeError, Proposer};
 use crate::raft_store::SmView;
 use crate::raft_types::{
-    AttrRec, BlockdRec, BlockdState, Command, MetaNode, NamespaceRec, NewBlock, NodeId, Op, Raft, Reply, Slice, TimeSet,
+    Access, AttrRec, BlockdRec, BlockdState, Command, MetaNode, NamespaceRec, NewBlock, NodeId, Op, Raft, Reply, Slice,
+    TimeSet,
 };
 
 pub struct MetaService {
@@ -136,6 +138,7 @@ fn ns_to_rpc(r: &NamespaceRec) -> rpc::NamespaceInfo {
         replication: r.replication,
         root_ino: r.root_ino,
         recovery_mode: r.recovery_mode,
+        ..Default::default()
     }
 }
 
@@ -177,6 +180,58 @@ fn block_from_rpc(b: rpc::BlockLoc, recs: &[(String, BlockdRec)]) -> NewBlock {
         replicas,
     }
 }
+
+/// What a namespace call needs of the caller's grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    Read,
+    Write,
+}
+
+/// A request against one namespace: every filesystem call names its
+/// namespace by id, and [`MetaService::admit`] checks the caller's grant
+/// on it before anything else.
+trait NsRequest {
+    fn ns(&self) -> u32;
+}
+
+macro_rules! ns_requests {
+    ($($t:ident),* $(,)?) => {
+        $(impl NsRequest for rpc::$t {
+            fn ns(&self) -> u32 {
+                self.ns
+            }
+        })*
+    };
+}
+
+ns_requests!(
+    LookupRequest,
+    GetAttrRequest,
+    SetAttrRequest,
+    MknodRequest,
+    SymlinkRequest,
+    LinkRequest,
+    UnlinkRequest,
+    RmdirRequest,
+    RenameRequest,
+    ReleaseOrphanRequest,
+    ReadDirRequest,
+    ReadLinkRequest,
+    SetXattrRequest,
+    GetXattrRequest,
+    ListXattrRequest,
+    RemoveXattrRequest,
+    StatFsRequest,
+    AllocateBlocksRequest,
+    GetChunksRequest,
+    CommitSlicesRequest,
+    CompactChunkRequest,
+    AbandonBlocksRequest,
+    FallocateRequest,
+    SetLockRequest,
+    GetLockRequest,
+);
 
 fn unexpected(r: Reply) -> Status {
     FsError::Internal(format!("unexpected reply {r:?}")).into()
@@ -272,7 +327,72 @@ impl MetaService {
     fn ns_info(&self, r: &NamespaceRec) -> Result<rpc::NamespaceInfo, Status> {
         let mut info = ns_to_rpc(r);
         info.recovery_mode |= self.in_recovery()?;
+        let acl = namespace::namespace_access(&self.view, r.id).map_err(storage)?;
+        info.grants = acl
+            .grants
+            .iter()
+            .map(|(p, a)| rpc::NamespaceGrant {
+                principal: p.clone(),
+                read_only: *a == Access::ReadOnly,
+            })
+            .collect();
         Ok(info)
+    }
+
+    /// The unwrapped request, if the caller's grant on its namespace allows
+    /// `need`.
+    fn admit<T: NsRequest>(&self, req: Request<T>, need: Need) -> Result<T, Status> {
+        let who = tls::caller(&req);
+        let r = req.into_inner();
+        self.check_access(who.as_deref(), r.ns(), need)?;
+        Ok(r)
+    }
+
+    /// What the caller may do in namespace `ns`: `Ok(None)` without limits,
+    /// `Ok(Some(access))` by its grant, an error with none.
+    ///
+    /// Only client certificates are limited by grants: an admin certificate
+    /// is the operator's, and without TLS nobody is authenticated, so there
+    /// is no name to look up (DECISIONS: grants need TLS).
+    fn access_of(&self, who: Option<&Identity>, ns: u32) -> Result<Option<Access>, Status> {
+        let Some(id) = who.filter(|id| id.role == Role::Client) else {
+            return Ok(None);
+        };
+        let acl = namespace::namespace_access(&self.view, ns).map_err(storage)?;
+        match acl.for_client(&id.name) {
+            Some(a) => Ok(Some(a)),
+            None => Err(FsError::AccessDenied(format!(
+                "client certificate {:?} is not granted namespace {:?}; an operator can allow it with \
+                 `jfs admin namespace grant {} {}`",
+                id.name,
+                self.ns_name(ns),
+                self.ns_name(ns),
+                id.name
+            ))
+            .into()),
+        }
+    }
+
+    fn check_access(&self, who: Option<&Identity>, ns: u32, need: Need) -> Result<(), Status> {
+        match (self.access_of(who, ns)?, need) {
+            (Some(Access::ReadOnly), Need::Write) => {
+                let name = who.map_or("", |id| id.name.as_str());
+                Err(FsError::GrantReadOnly(format!(
+                    "client certificate {name:?} has a read-only grant on namespace {:?}",
+                    self.ns_name(ns)
+                ))
+                .into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A namespace's name for messages (its id if it has none).
+    fn ns_name(&self, ns: u32) -> String {
+        match namespace::namespace_by_id(&self.view, ns) {
+            Ok(Some(r)) => r.name,
+            _ => format!("id {ns}"),
+        }
     }
 
     /// The mirror and recovery fields of `Status`.
@@ -431,37 +551,58 @@ impl Meta for MetaService {
 
     async fn get_namespace(&self, req: Request<rpc::GetNamespaceRequest>) -> Rpc<rpc::NamespaceInfo> {
         self.linearizable().await?;
+        let who = tls::caller(&req);
         let name = req.into_inner().name;
         match namespace::namespace_by_name(&self.view, &name).map_err(storage)? {
-            Some(n) => Ok(Response::new(self.ns_info(&n)?)),
+            Some(n) => {
+                // The mount asks this first: a client without a grant is
+                // refused here, and one with a read-only grant is told so
+                // and mounts read-only.
+                let access = self.access_of(who.as_deref(), n.id)?;
+                let mut info = self.ns_info(&n)?;
+                info.read_only_for_caller = access == Some(Access::ReadOnly);
+                Ok(Response::new(info))
+            }
             None => Err(FsError::NamespaceNotFound(name).into()),
         }
     }
 
-    async fn list_namespaces(&self, _req: Request<rpc::ListNamespacesRequest>) -> Rpc<rpc::ListNamespacesReply> {
+    async fn list_namespaces(&self, req: Request<rpc::ListNamespacesRequest>) -> Rpc<rpc::ListNamespacesReply> {
         self.linearizable().await?;
+        let who = tls::caller(&req);
         let all = namespace::list_namespaces(&self.view).map_err(storage)?;
-        Ok(Response::new(rpc::ListNamespacesReply {
-            namespaces: all.iter().map(|n| self.ns_info(n)).collect::<Result<_, _>>()?,
-        }))
+        let mut namespaces = Vec::with_capacity(all.len());
+        for n in &all {
+            // A client sees the namespaces it may mount.
+            match self.access_of(who.as_deref(), n.id) {
+                Ok(access) => {
+                    let mut info = self.ns_info(n)?;
+                    info.read_only_for_caller = access == Some(Access::ReadOnly);
+                    namespaces.push(info);
+                }
+                Err(e) if e.code() == tonic::Code::PermissionDenied => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Response::new(rpc::ListNamespacesReply { namespaces }))
     }
 
     async fn lookup(&self, req: Request<rpc::LookupRequest>) -> Rpc<rpc::AttrReply> {
         self.linearizable().await?;
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Read)?;
         let a = namespace::lookup(&self.view, r.ns, r.parent, &r.name).map_err(ns_err)?;
         self.attr_reply(Reply::Attr(a))
     }
 
     async fn get_attr(&self, req: Request<rpc::GetAttrRequest>) -> Rpc<rpc::AttrReply> {
         self.linearizable().await?;
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Read)?;
         let i = namespace::get_inode(&self.view, r.ns, r.ino).map_err(ns_err)?;
         self.attr_reply(Reply::Attr(i.attr(r.ino)))
     }
 
     async fn set_attr(&self, req: Request<rpc::SetAttrRequest>) -> Rpc<rpc::AttrReply> {
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Write)?;
         let op = Op::SetAttr {
             ns: r.ns,
             ino: r.ino,
@@ -478,7 +619,7 @@ impl Meta for MetaService {
     }
 
     async fn mknod(&self, req: Request<rpc::MknodRequest>) -> Rpc<rpc::AttrReply> {
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Write)?;
         let op = Op::Mknod {
             ns: r.ns,
             parent: r.parent,
@@ -494,7 +635,7 @@ impl Meta for MetaService {
     }
 
     async fn symlink(&self, req: Request<rpc::SymlinkRequest>) -> Rpc<rpc::AttrReply> {
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Write)?;
         let op = Op::Symlink {
             ns: r.ns,
             parent: r.parent,
@@ -508,7 +649,7 @@ impl Meta for MetaService {
     }
 
     async fn link(&self, req: Request<rpc::LinkRequest>) -> Rpc<rpc::AttrReply> {
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Write)?;
         let op = Op::Link {
             ns: r.ns,
             ino: r.ino,
@@ -520,7 +661,7 @@ impl Meta for MetaService {
     }
 
     async fn unlink(&self, req: Request<rpc::UnlinkRequest>) -> Rpc<rpc::UnlinkReply> {
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Write)?;
         let op = Op::Unlink {
             ns: r.ns,
             parent: r.parent,
@@ -532,7 +673,7 @@ impl Meta for MetaService {
     }
 
     async fn rmdir(&self, req: Request<rpc::RmdirRequest>) -> Rpc<rpc::UnlinkReply> {
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Write)?;
         let reply = self
             .propose(
                 &r.hdr,
@@ -547,7 +688,7 @@ impl Meta for MetaService {
     }
 
     async fn rename(&self, req: Request<rpc::RenameRequest>) -> Rpc<rpc::RenameReply> {
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Write)?;
         let op = Op::Rename {
             ns: r.ns,
             parent: r.parent,
@@ -564,14 +705,14 @@ impl Meta for MetaService {
     }
 
     async fn release_orphan(&self, req: Request<rpc::ReleaseOrphanRequest>) -> Rpc<rpc::UnlinkReply> {
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Read)?;
         let reply = self.propose(&r.hdr, Op::ReleaseOrphan { ns: r.ns, ino: r.ino }).await?;
         self.unlink_reply(reply)
     }
 
     async fn read_dir(&self, req: Request<rpc::ReadDirRequest>) -> Rpc<rpc::ReadDirReply> {
         self.linearizable().await?;
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Read)?;
         let limit = if r.limit == 0 { 1000 } else { r.limit as usize };
         let listing = namespace::readdir(&self.view, r.ns, r.ino, &r.after, limit, r.plus).map_err(ns_err)?;
         let entries = listing
@@ -592,13 +733,13 @@ impl Meta for MetaService {
 
     async fn read_link(&self, req: Request<rpc::ReadLinkRequest>) -> Rpc<rpc::ReadLinkReply> {
         self.linearizable().await?;
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Read)?;
         let target = namespace::readlink(&self.view, r.ns, r.ino).map_err(ns_err)?;
         Ok(Response::new(rpc::ReadLinkReply { target }))
     }
 
     async fn set_xattr(&self, req: Request<rpc::SetXattrRequest>) -> Rpc<rpc::AttrReply> {
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Write)?;
         let op = Op::SetXattr {
             ns: r.ns,
             ino: r.ino,
@@ -612,20 +753,20 @@ impl Meta for MetaService {
 
     async fn get_xattr(&self, req: Request<rpc::GetXattrRequest>) -> Rpc<rpc::GetXattrReply> {
         self.linearizable().await?;
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Read)?;
         let value = namespace::get_xattr(&self.view, r.ns, r.ino, &r.name).map_err(ns_err)?;
         Ok(Response::new(rpc::GetXattrReply { value }))
     }
 
     async fn list_xattr(&self, req: Request<rpc::ListXattrRequest>) -> Rpc<rpc::ListXattrReply> {
         self.linearizable().await?;
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Read)?;
         let names = namespace::list_xattr(&self.view, r.ns, r.ino).map_err(ns_err)?;
         Ok(Response::new(rpc::ListXattrReply { names }))
     }
 
     async fn remove_xattr(&self, req: Request<rpc::RemoveXattrRequest>) -> Rpc<rpc::AttrReply> {
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Write)?;
         let reply = self
             .propose(
                 &r.hdr,
@@ -641,7 +782,7 @@ impl Meta for MetaService {
 
     async fn stat_fs(&self, req: Request<rpc::StatFsRequest>) -> Rpc<rpc::StatFsReply> {
         self.linearizable().await?;
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Read)?;
         let rec = self.namespace(r.ns)?;
         let usage = namespace::usage(&self.view, r.ns).map_err(storage)?;
         let repl = rec.replication.max(1) as u64;
@@ -656,7 +797,7 @@ impl Meta for MetaService {
     }
 
     async fn allocate_blocks(&self, req: Request<rpc::AllocateBlocksRequest>) -> Rpc<rpc::AllocateBlocksReply> {
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Write)?;
         if r.count == 0 || r.count > 1024 {
             return Err(FsError::InvalidArgument("allocate 1..1024 blocks at a time".into()).into());
         }
@@ -702,7 +843,7 @@ impl Meta for MetaService {
 
     async fn get_chunks(&self, req: Request<rpc::GetChunksRequest>) -> Rpc<rpc::GetChunksReply> {
         self.linearizable().await?;
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Read)?;
         let count = if r.count == 0 { 256 } else { r.count.min(4096) as usize };
         let (attr, chunks, blocks) =
             namespace::get_chunks(&self.view.snapshot(), r.ns, r.ino, r.first_index, count).map_err(ns_err)?;
@@ -733,7 +874,7 @@ impl Meta for MetaService {
     }
 
     async fn commit_slices(&self, req: Request<rpc::CommitSlicesRequest>) -> Rpc<rpc::CommitSlicesReply> {
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Write)?;
         let slices = r
             .slices
             .iter()
@@ -761,7 +902,7 @@ impl Meta for MetaService {
     }
 
     async fn compact_chunk(&self, req: Request<rpc::CompactChunkRequest>) -> Rpc<rpc::CompactChunkReply> {
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Write)?;
         let recs = self.blockd_recs()?;
         let block = r
             .block
@@ -787,7 +928,7 @@ impl Meta for MetaService {
     }
 
     async fn abandon_blocks(&self, req: Request<rpc::AbandonBlocksRequest>) -> Rpc<rpc::AbandonBlocksReply> {
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Write)?;
         if r.blocks.len() > 10_000 {
             return Err(FsError::InvalidArgument("abandon at most 10000 blocks at a time".into()).into());
         }
@@ -798,7 +939,7 @@ impl Meta for MetaService {
     }
 
     async fn fallocate(&self, req: Request<rpc::FallocateRequest>) -> Rpc<rpc::AttrReply> {
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Write)?;
         let op = Op::Fallocate {
             ns: r.ns,
             ino: r.ino,
@@ -1008,6 +1149,23 @@ impl Meta for MetaService {
         }
     }
 
+    async fn set_namespace_access(&self, req: Request<rpc::SetNamespaceAccessRequest>) -> Rpc<rpc::NamespaceInfo> {
+        let r = req.into_inner();
+        let op = Op::SetNamespaceAccess {
+            name: r.namespace,
+            principal: r.principal,
+            access: match (r.revoke, r.read_only) {
+                (true, _) => None,
+                (false, true) => Some(Access::ReadOnly),
+                (false, false) => Some(Access::ReadWrite),
+            },
+        };
+        match self.propose(&r.hdr, op).await? {
+            Reply::Namespace(rec) => Ok(Response::new(self.ns_info(&rec)?)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn status(&self, req: Request<rpc::StatusRequest>) -> Rpc<rpc::NodeStatus> {
         let m = self.raft.metrics().borrow().clone();
         let role = match m.state {
@@ -1127,7 +1285,7 @@ impl Meta for MetaService {
     }
 
     async fn set_lock(&self, req: Request<rpc::SetLockRequest>) -> Rpc<rpc::SetLockReply> {
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Read)?;
         let op = Op::SetLock {
             ns: r.ns,
             ino: r.ino,
@@ -1142,7 +1300,7 @@ impl Meta for MetaService {
     }
 
     async fn get_lock(&self, req: Request<rpc::GetLockRequest>) -> Rpc<rpc::GetLockReply> {
-        let r = req.into_inner();
+        let r = self.admit(req, Need::Read)?;
         self.linearizable().await?;
         let held = namespace::locks_of(&self.view, r.ns, r.ino).map_err(storage)?;
         let write = r.typ == crate::raft_types::LOCK_WRITE;

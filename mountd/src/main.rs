@@ -445,6 +445,9 @@ fn run_daemon(namespace: &str, mountpoint: &Path, conf: &Path, opts: &MountOpts)
         Ok(c) => c,
         Err(e) => return fail(e.to_string()),
     };
+    if let Err(e) = jfs_common::tls::init_client(&cfg, jfs_common::tls::Role::Client) {
+        return fail(format!("cannot load this mount's TLS certificate: {e}"));
+    }
     if !mountpoint.is_dir() {
         return fail(format!("mount point {} is not a directory", mountpoint.display()));
     }
@@ -475,6 +478,15 @@ fn run_daemon(namespace: &str, mountpoint: &Path, conf: &Path, opts: &MountOpts)
             ))
         }
     };
+    // A read-only grant mounts read-only, so writes fail in the kernel with
+    // EROFS rather than one by one at metad.
+    let read_only = opts.read_only || client.namespace_info().read_only_for_caller;
+    if read_only && !opts.read_only {
+        tracing::info!(
+            namespace,
+            "this client's grant on the namespace is read-only: mounting read-only"
+        );
+    }
     let attr_ttl = opts.attr_timeout.unwrap_or(cfg.attr_timeout);
     let entry_ttl = opts.entry_timeout.unwrap_or(cfg.entry_timeout);
     let notifier = Arc::new(std::sync::OnceLock::new());
@@ -483,7 +495,7 @@ fn run_daemon(namespace: &str, mountpoint: &Path, conf: &Path, opts: &MountOpts)
         rt.handle().clone(),
         attr_ttl,
         entry_ttl,
-        opts.read_only,
+        read_only,
         notifier.clone(),
     );
 
@@ -503,7 +515,7 @@ fn run_daemon(namespace: &str, mountpoint: &Path, conf: &Path, opts: &MountOpts)
     if opts.default_permissions || opts.allow_other {
         mcfg.mount_options.push(MountOption::DefaultPermissions);
     }
-    if opts.read_only {
+    if read_only {
         mcfg.mount_options.push(MountOption::RO);
     }
     mcfg.acl = if opts.allow_other {

@@ -284,6 +284,19 @@ pub fn is_mounted(path: &Path) -> bool {
     mounts().iter().any(|(p, _)| p == path)
 }
 
+/// The filesystem at `path` is mounted read-only (statvfs's ST_RDONLY).
+pub fn is_read_only_mount(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid C string and `st` a properly sized out-parameter.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        libc::statvfs(c.as_ptr(), &mut st) == 0 && st.f_flag & libc::ST_RDONLY != 0
+    }
+}
+
 /// Mount points at or below `root`, deepest first.
 pub fn mounts_under(root: &Path) -> Vec<(PathBuf, String)> {
     let mut v: Vec<_> = mounts().into_iter().filter(|(p, _)| p.starts_with(root)).collect();
@@ -428,21 +441,29 @@ pub struct Cluster {
     /// Runs the table store and mirrors metadata to it (`jfs local up`'s
     /// default; the other tests leave it out to stay light).
     pub mirror: bool,
+    /// Mutual TLS on every connection (`jfs local up`'s default).
+    pub tls: bool,
 }
 
 impl Cluster {
     /// Starts a fresh cluster (without the table-store mirror) and waits
     /// until its mount is usable.
     pub fn start() -> Cluster {
-        Cluster::start_opts(false)
+        Cluster::start_opts(false, true)
     }
 
     /// Starts a fresh cluster with the table store and the mirror.
     pub fn start_with_mirror() -> Cluster {
-        Cluster::start_opts(true)
+        Cluster::start_opts(true, true)
     }
 
-    fn start_opts(mirror: bool) -> Cluster {
+    /// Starts a fresh cluster without TLS, for tests that read or cut the
+    /// gRPC traffic between client and metad.
+    pub fn start_plaintext() -> Cluster {
+        Cluster::start_opts(false, false)
+    }
+
+    fn start_opts(mirror: bool, tls: bool) -> Cluster {
         let name = test_name();
         let base = std::env::var_os("JFS_TEST_TMPDIR")
             .map(PathBuf::from)
@@ -471,6 +492,7 @@ impl Cluster {
             watchdog: None,
             extra: AtomicU32::new(0),
             mirror,
+            tls,
         };
         c.watchdog = Some(start_watchdog(c.name.clone(), c.root.clone(), c.state.clone()));
         let t0 = Instant::now();
@@ -517,6 +539,9 @@ impl Cluster {
         let mut args = vec!["local", "up", "--dir", &state, "--ip", &self.ip, &mnt];
         if !self.mirror {
             args.push("--no-mirror");
+        }
+        if !self.tls {
+            args.push("--no-tls");
         }
         self.jfs_ok(&args);
         if namespace_read_only(&self.conf()) {
@@ -735,10 +760,10 @@ impl Cluster {
     /// [`Cluster::mount_second`] with extra environment variables for the
     /// jfs-mountd process (e.g. its fault-injection knobs).
     pub fn mount_second_with_env(&self, opts: &str, env: &[(&str, &str)]) -> Mount {
-        self.mount_second_full(&self.conf(), opts, env)
+        self.mount_second_full(&self.conf(), "default", opts, env)
     }
 
-    fn mount_second_full(&self, conf: &Path, opts: &str, env: &[(&str, &str)]) -> Mount {
+    fn mount_second_full(&self, conf: &Path, namespace: &str, opts: &str, env: &[(&str, &str)]) -> Mount {
         let n = self.extra.fetch_add(1, Ordering::Relaxed) + 2;
         let path = self.root.join(format!("mnt{n}"));
         fs::create_dir_all(&path).expect("create second mount point");
@@ -749,7 +774,7 @@ impl Cluster {
         if !opts.is_empty() {
             cmd.arg("-o").arg(opts);
         }
-        cmd.arg("-f").arg("default").arg(&path);
+        cmd.arg("-f").arg(namespace).arg(&path);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("dup log")))
             .stderr(Stdio::from(log))
@@ -783,7 +808,8 @@ impl Cluster {
                 }
             },
         );
-        let writable = !opts.split(',').any(|o| o.trim() == "ro");
+        // A read-only grant mounts read-only without the `ro` option.
+        let writable = !opts.split(',').any(|o| o.trim() == "ro") && !is_read_only_mount(&path);
         wait_mount_usable(&path, Duration::from_secs(30), writable, &|| {
             fs::read_to_string(&mlog).unwrap_or_default()
         });
@@ -1759,6 +1785,12 @@ impl Cluster {
     /// [`Cluster::mount_second`] with another config file (e.g. a shorter
     /// `client.timeout-ms`).
     pub fn mount_second_with_conf(&self, conf: &Path, opts: &str) -> Mount {
-        self.mount_second_full(conf, opts, &[])
+        self.mount_second_full(conf, "default", opts, &[])
+    }
+
+    /// Mounts `namespace` with the config `conf` (another client
+    /// certificate, say), like [`Cluster::mount_second`].
+    pub fn mount_namespace(&self, conf: &Path, namespace: &str, opts: &str) -> Mount {
+        self.mount_second_full(conf, namespace, opts, &[])
     }
 }

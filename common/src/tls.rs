@@ -130,8 +130,16 @@ impl TlsDir {
 
 fn provider() -> Arc<CryptoProvider> {
     static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    P.get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .clone()
+    P.get_or_init(|| {
+        let mut p = rustls::crypto::aws_lc_rs::default_provider();
+        // AES-128-GCM first (rustls lists AES-256 first): with AES-NI it
+        // costs about a third less CPU per byte, block data is most of what
+        // these connections carry, and both ends are ours.
+        p.cipher_suites
+            .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        Arc::new(p)
+    })
+    .clone()
 }
 
 /// Makes aws-lc-rs the process's rustls provider. The table-store client
@@ -764,6 +772,16 @@ pub fn caller<T>(req: &tonic::Request<T>) -> Option<Arc<Identity>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aes_128_gcm_is_offered_first() {
+        let p = provider();
+        assert_eq!(
+            p.cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+        assert!(p.cipher_suites.len() > 1, "the other suites stay available");
+    }
 
     #[test]
     fn roles_round_trip() {

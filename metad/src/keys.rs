@@ -190,6 +190,11 @@ pub fn ns_meta(ns: u32, name: &str) -> Vec<u8> {
     ns_key(ns, b'm', &[name.as_bytes()])
 }
 
+/// The grants of a namespace (`ns_meta(ns, "access")`).
+pub fn is_ns_access(key: &[u8]) -> bool {
+    key.len() == 12 && key[0] == b'F' && key[5] == b'm' && &key[6..] == b"access"
+}
+
 fn cat(parts: &[&[u8]]) -> Vec<u8> {
     parts.concat()
 }
@@ -213,6 +218,16 @@ pub const BLOCKD_ID_OFFSET: usize = 1;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn access_keys_are_recognised_and_nothing_else() {
+        assert!(is_ns_access(&ns_meta(7, "access")));
+        assert!(is_ns_access(&ns_meta(u32::MAX, "access")));
+        assert!(!is_ns_access(&ns_meta(7, "record")));
+        assert!(!is_ns_access(&ns_meta(7, "accessx")));
+        assert!(!is_ns_access(&namespace("access")));
+        assert!(!is_ns_access(b""));
+    }
 
     #[test]
     fn directory_entries_sort_by_parent_then_name() {

@@ -438,6 +438,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         metrics_address: metrics_bound
             .map(|b| jfs_common::telemetry::advertised(b, host_of(&me.rpc_addr)))
             .unwrap_or_default(),
+        access_cache: Default::default(),
     };
     let rpc_addr = resolve(&me.rpc_addr).await?;
     let raft_addr = resolve(&me.raft_addr).await?;

@@ -293,11 +293,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[derive(Clone)]
 pub struct SmView {
     db: Arc<DB>,
+    /// Moves on after every applied change to a namespace's grants (and a
+    /// snapshot install), so the service can cache grants, which it checks
+    /// on every call, and know when to read them again.
+    access_epoch: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl SmView {
     pub fn new(db: Arc<DB>) -> SmView {
-        SmView { db }
+        SmView {
+            db,
+            access_epoch: Arc::default(),
+        }
+    }
+
+    /// Read before reading grants: a grant read under epoch `e` is current
+    /// while this still returns `e`.
+    pub fn access_epoch(&self) -> u64 {
+        self.access_epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// After the change is in the store.
+    fn access_changed(&self) {
+        self.access_epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -719,6 +737,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         let writes = txn.into_writes();
+        let access_changed = writes.keys().any(|k| crate::keys::is_ns_access(k));
         let mut batch = WriteBatch::default();
         let sm = cf(&self.db, CF_SM);
         for (k, v) in writes {
@@ -744,6 +763,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             batch.put_cf(meta, KEY_MEMBERSHIP, ser(&self.membership)?);
         }
         self.db.write(batch).map_err(write_err)?;
+        if access_changed {
+            self.view.access_changed();
+        }
         self.last_applied = last;
         Ok(replies)
     }
@@ -780,6 +802,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         batch.put_cf(m, KEY_APPLIED, ser(&meta.last_log_id)?);
         batch.put_cf(m, KEY_MEMBERSHIP, ser(&meta.last_membership)?);
         self.db.write_opt(batch, &sync_opts()).map_err(write_err)?;
+        self.view.access_changed();
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         write_snapshot_file(

@@ -26,8 +26,8 @@ use crate::namespace::{self, NsError};
 use crate::proposer::{ProposeError, Proposer};
 use crate::raft_store::SmView;
 use crate::raft_types::{
-    Access, AttrRec, BlockdRec, BlockdState, Command, MetaNode, NamespaceRec, NewBlock, NodeId, Op, Raft, Reply, Slice,
-    TimeSet,
+    Access, AccessRec, AttrRec, BlockdRec, BlockdState, Command, MetaNode, NamespaceRec, NewBlock, NodeId, Op, Raft,
+    Reply, Slice, TimeSet,
 };
 
 pub struct MetaService {
@@ -48,6 +48,8 @@ pub struct MetaService {
     pub mirror: Option<Arc<crate::mirror::Mirror>>,
     /// Where this node serves Prometheus metrics ("" = nowhere).
     pub metrics_address: String,
+    /// Grants by namespace id, with the access epoch they were read under.
+    pub access_cache: std::sync::Mutex<std::collections::HashMap<u32, (u64, Arc<AccessRec>)>>,
 }
 
 type Rpc<T> = Result<Response<T>, Status>;
@@ -358,7 +360,7 @@ impl MetaService {
         let Some(id) = who.filter(|id| id.role == Role::Client) else {
             return Ok(None);
         };
-        let acl = namespace::namespace_access(&self.view, ns).map_err(storage)?;
+        let acl = self.grants(ns)?;
         match acl.for_client(&id.name) {
             Some(a) => Ok(Some(a)),
             None => Err(FsError::AccessDenied(format!(
@@ -371,6 +373,23 @@ impl MetaService {
             ))
             .into()),
         }
+    }
+
+    /// Namespace `ns`'s grants, from memory while no grant has changed
+    /// since they were read (see `SmView::access_epoch`).
+    fn grants(&self, ns: u32) -> Result<Arc<AccessRec>, Status> {
+        let epoch = self.view.access_epoch();
+        if let Some((e, rec)) = self.access_cache.lock().unwrap_or_else(|e| e.into_inner()).get(&ns) {
+            if *e == epoch {
+                return Ok(rec.clone());
+            }
+        }
+        let rec = Arc::new(namespace::namespace_access(&self.view, ns).map_err(storage)?);
+        self.access_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ns, (epoch, rec.clone()));
+        Ok(rec)
     }
 
     fn check_access(&self, who: Option<&Identity>, ns: u32, need: Need) -> Result<(), Status> {

@@ -327,12 +327,23 @@ pub fn lazy_unmount(path: &Path) {
 // ------------------------------------------------------------------ processes
 
 pub fn pid_alive(pid: i32) -> bool {
-    // A zombie still has a /proc entry but is dead for our purposes.
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rsplit_once(')')
-            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-            .unwrap_or(false),
+    // A zombie still has a /proc entry but is dead for our purposes. After
+    // SIGKILL the main thread can turn zombie while other threads are still
+    // exiting and holding the process's files (a RocksDB lock, a port), so
+    // every thread must be gone or a zombie.
+    let not_zombie = |stat: &str| {
+        fs::read_to_string(stat)
+            .ok()
+            .and_then(|s| s.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')))
+            .unwrap_or(false)
+    };
+    if not_zombie(&format!("/proc/{pid}/stat")) {
+        return true;
+    }
+    match fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(tasks) => tasks
+            .flatten()
+            .any(|t| not_zombie(&format!("{}/stat", t.path().display()))),
         Err(_) => false,
     }
 }

@@ -338,6 +338,8 @@ def run_target(name, base, args, src_tree, tmpdir, pool, results, rep):
     data = os.path.join(work, "data")
 
     def line(key, fn, *a):
+        if args.only and key not in args.only:
+            return None
         drop_caches()
         t0 = time.monotonic()
         try:
@@ -419,6 +421,9 @@ def small_lines(name, args, line, work, src_tree, tmpdir, pool, results, rep):
             meta = os.path.join(work, f"meta{suffix}")
             os.mkdir(meta)
             keys = [f"create{suffix}", f"stat{suffix}", f"unlink{suffix}"]
+            if args.only and not set(keys) & set(args.only):
+                os.rmdir(meta)
+                continue
             drop_caches()
             t0 = time.monotonic()
             try:
@@ -430,7 +435,8 @@ def small_lines(name, args, line, work, src_tree, tmpdir, pool, results, rep):
                 log(f"  [{name} rep {rep}] create/stat/unlink, {workers} worker(s){' own dirs' if own else ''}: "
                     + " / ".join(f"{v:,.0f}" for v in vals) + f" ops/s ({time.monotonic() - t0:.1f} s)")
             for k, v in zip(keys, vals):
-                results[k][name].append(v)
+                if not args.only or k in args.only:
+                    results[k][name].append(v)
             shutil.rmtree(meta, ignore_errors=True)
 
 
@@ -516,6 +522,10 @@ def main():
     ap.add_argument("--jfs-cli", metavar="PATH",
                     help="the jfs command, to add the RPC lines (jfs bench meta) to the jfs target")
     ap.add_argument("--json", metavar="FILE", help="also write every sample to FILE")
+    ap.add_argument("--only", metavar="KEY,KEY", type=lambda v: [k for k in v.split(",") if k],
+                    help="run only these lines (keys: seqwrite, seqread, create1, stat4, ...)")
+    ap.add_argument("--ratio", action="append", default=[], metavar="A/B",
+                    help="also print target A's speed relative to target B's (e.g. tls/plain)")
     args = ap.parse_args()
     q = args.quick
     args.size_mib = args.size_mib or (64 if q else 1024)
@@ -539,7 +549,17 @@ def main():
     else:  # a run without jfs (testing the bench): MooseFS against the disk
         ratios = [("moosefs", "local")] if {"moosefs", "local"} <= set(names) else []
 
+    for r in args.ratio:
+        a, sep, b = r.partition("/")
+        if not sep or a not in names or b not in names:
+            ap.error(f"--ratio {r!r}: expected A/B with two target names")
+        ratios.append((a, b))
     lines = [l for l in LINES if not args.small or l[0] in SMALL]
+    if args.only:
+        unknown = set(args.only) - {l[0] for l in LINES}
+        if unknown:
+            ap.error(f"--only: unknown line(s) {', '.join(sorted(unknown))}")
+        lines = [l for l in lines if l[0] in args.only]
     if args.jfs_cli and "jfs" in names:
         lines += RPC_LINES
     results = {key: {n: [] for n in names} for key, *_ in lines}

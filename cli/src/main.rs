@@ -271,7 +271,7 @@ enum CertCommand {
     Issue {
         /// What the holder may do: metad (Raft), blockd (storage), client (mounts: file
         /// operations), admin (the jfs CLI: also cluster administration).
-        #[arg(long, value_name = "ROLE", value_parser = ["metad", "blockd", "client", "admin"])]
+        #[arg(long, value_name = "ROLE", value_parser = ["metad", "blockd", "client", "admin"], hide_possible_values = true)]
         role: String,
         /// Who holds it (host or user name); namespace grants refer to client names.
         #[arg(long, value_name = "NAME")]

@@ -277,7 +277,6 @@ fn client_conf(c: &Cluster, name: &str) -> PathBuf {
 #[test]
 fn namespaces_admit_only_the_clients_granted_them() {
     let c = Cluster::start();
-    let p = ports(&c);
     let conf = c.conf().to_string_lossy().into_owned();
     let admin = |args: &[&str]| {
         let mut all = vec!["--conf", conf.as_str(), "admin"];
@@ -341,15 +340,17 @@ fn namespaces_admit_only_the_clients_granted_them() {
     let e = fs::remove_file(b.path("from-alice")).expect_err("bob removed a file");
     assert_eq!(e.raw_os_error(), Some(libc::EROFS), "bob's unlink: {e}");
 
-    // metad enforces the grants itself, whatever the client does.
+    // metad enforces the grants itself, whatever the client does (asked of
+    // the leader: the probe follows no redirects).
+    let leader_meta = format!("{}:{}", c.ip, 8101 + 10 * (wait_leader(&c) - 1));
     let own = c.root.join("client-bob");
-    let got = probe(Some((&own, "client")), "metad", &p.meta, "mknod-in=shared");
+    let got = probe(Some((&own, "client")), "metad", &leader_meta, "mknod-in=shared");
     assert!(
         got.starts_with("ERR") && got.contains("25027"),
         "bob's own mknod: {got}"
     );
     let own = c.root.join("client-carol");
-    let got = probe(Some((&own, "client")), "metad", &p.meta, "get-namespace=shared");
+    let got = probe(Some((&own, "client")), "metad", &leader_meta, "get-namespace=shared");
     assert!(got.starts_with("ERR PermissionDenied 25026"), "carol's lookup: {got}");
 
     // Revoking takes effect on a live mount at its next call.

@@ -470,7 +470,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.node_id,
         vote_quiet,
         leader_contact.clone(),
-        Duration::from_millis(rcfg.election_timeout_max / 2),
+        Duration::from_millis(rcfg.election_timeout_max),
         stop_rx.clone(),
     ));
     let raft_svc = RaftServer::new(raft_network::RaftService::new(raft.clone(), vote_quiet, leader_contact))

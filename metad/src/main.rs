@@ -269,13 +269,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )
     })?;
 
-    let log_store = raft_store::LogStore::new(db.clone());
-    let sm = raft_store::StateMachine::new(db.clone(), &data_dir, cfg.mirror_enabled || cfg.recovery_mode)
-        .map_err(|e| anyhow!("{e}"))?;
+    let log_store = raft_store::LogStore::new(db.clone(), args.node_id);
+    let durable = log_store.durability();
+    let sm = raft_store::StateMachine::new(
+        db.clone(),
+        &data_dir,
+        cfg.mirror_enabled || cfg.recovery_mode,
+        durable.clone(),
+    )
+    .map_err(|e| anyhow!("{e}"))?;
     let view = sm.view();
     let rcfg = Arc::new(raft_config(&cfg)?);
     let lease = Arc::new(lease::LeaseTracker::default());
-    let network = raft_network::Network { lease: lease.clone() };
+    let network = raft_network::Network {
+        lease: lease.clone(),
+        durable,
+    };
     let raft = Raft::new(args.node_id, rcfg.clone(), network, log_store, sm)
         .await
         .map_err(|e| anyhow!("cannot start raft: {e}"))?;

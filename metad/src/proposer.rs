@@ -1,9 +1,10 @@
 //! Group commit for client commands: the commands that arrive while earlier
 //! ones are being committed go into the log together, as one entry.
 //!
-//! openraft 0.9 appends each `client_write` on its own and waits for that
-//! append's fsync inside its core task before it looks at the next request,
-//! so concurrent writers would queue for one fsync each. Here every client
+//! openraft 0.9 makes each `client_write` an entry of its own, so concurrent
+//! writers would each pay a follower fsync and a round trip (and, before the
+//! leader's own append was reported early — see `raft_store` — a leader
+//! fsync inside openraft's core task too). Here every client
 //! command goes through one queue; whenever a commit slot is free, whatever
 //! has queued since is proposed as a single `Op::Batch` entry (or, if it is
 //! alone, as itself). One writer pays nothing extra — its command is

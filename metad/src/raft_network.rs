@@ -28,6 +28,8 @@ use crate::raft_types::{MetaNode, NodeId, Raft, TypeConfig};
 // ------------------------------------------------------------------ client
 
 pub struct Network {
+    /// Caps the commit index sent to followers (see `raft_store`).
+    pub durable: Arc<crate::raft_store::LogDurability>,
     pub lease: Arc<LeaseTracker>,
 }
 
@@ -40,6 +42,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.raft_addr.clone(),
             client: None,
             lease: self.lease.clone(),
+            durable: self.durable.clone(),
         }
     }
 }
@@ -49,6 +52,7 @@ pub struct PeerClient {
     addr: String,
     client: Option<RaftClient<Channel>>,
     lease: Arc<LeaseTracker>,
+    durable: Arc<crate::raft_store::LogDurability>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,9 +127,12 @@ enum RpcKind {
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        // A follower must not apply what a power cut of this leader could
+        // still take back: only what is fsynced here counts as committed.
+        rpc.leader_commit = self.durable.cap_commit(rpc.leader_commit);
         let sent_at = Instant::now();
         let term = rpc.vote.leader_id().term;
         let resp: AppendEntriesResponse<NodeId> = self.call(RpcKind::Append, &rpc, &option).await?;

@@ -9,6 +9,21 @@
 //! one atomic `WriteBatch` per applied burst, including `last_applied`; it
 //! rides the same WAL, so it is durable no later than the next log fsync, and
 //! anything lost is re-applied from the log on restart.
+//!
+//! The leader does not wait for its own fsync before replicating. openraft
+//! 0.9 blocks its core on each append until the append's callback fires, so
+//! a leader that reported only after the fsync would send every entry to the
+//! followers one fsync late (measured: 0.9 ms of a 2.7 ms commit). An append
+//! the leader makes in its own term is therefore reported written at once,
+//! and `LogDurability` keeps the rule "acknowledged = fsynced on a
+//! majority" where it matters:
+//! * the state machine applies nothing (so nothing is answered or becomes
+//!   readable) until every append made so far is fsynced here — a commit
+//!   counted on the leader's unsynced copy waits for it;
+//! * the commit index sent to followers is capped at what is fsynced here,
+//!   so no follower applies an entry that a power cut of the leader could
+//!   still take back.
+//! Followers report an append only after its fsync, as before.
 
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -105,18 +120,115 @@ fn sync_opts() -> WriteOptions {
 
 // ------------------------------------------------------------------ log
 
+/// How far the log is on disk (see the module doc: the leader's appends are
+/// reported before their fsync). Shared by the log store, the state machine
+/// and the Raft network.
+pub struct LogDurability {
+    db: Arc<DB>,
+    state: std::sync::Mutex<Synced>,
+    /// The number of the last append whose fsync completed (`u64::MAX`
+    /// once an fsync failed: nothing may be applied after that).
+    synced: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct Synced {
+    /// Appends written so far, numbered from 1.
+    submitted: u64,
+    /// Last log index a completed fsync covered, in the current log (a
+    /// truncation lowers it and starts a new epoch, so that an fsync still
+    /// in flight for truncated entries cannot raise it again).
+    index: u64,
+    epoch: u64,
+    failed: bool,
+}
+
+impl LogDurability {
+    fn new(db: Arc<DB>) -> Arc<LogDurability> {
+        // Whatever the log holds at start-up was recovered from disk.
+        let index = last_log_index(&db).unwrap_or(0);
+        Arc::new(LogDurability {
+            db,
+            state: std::sync::Mutex::new(Synced {
+                index,
+                ..Default::default()
+            }),
+            synced: tokio::sync::watch::channel(0).0,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Synced> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until every append written so far is fsynced.
+    pub async fn wait_for_written(&self) -> Result<(), StorageError> {
+        let target = self.lock().submitted;
+        let mut rx = self.synced.subscribe();
+        let res = rx.wait_for(|&s| s >= target).await.map(|s| *s);
+        match res {
+            Ok(u64::MAX) | Err(_) => Err(write_err(KvError(
+                "an fsync of the Raft log failed; this node stops applying (restart it)".into(),
+            ))),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// `commit` capped at the last entry fsynced on this node, for the
+    /// commit index sent to followers.
+    pub fn cap_commit(&self, commit: Option<LogId>) -> Option<LogId> {
+        let c = commit?;
+        let synced = self.lock().index;
+        if c.index <= synced {
+            return Some(c);
+        }
+        // The entry at `synced` precedes `c`, so it is committed too;
+        // followers ignore a commit index lower than the one they know.
+        match self.db.get_cf(cf(&self.db, CF_LOG), idx_key(synced)) {
+            Ok(Some(v)) => de::<Entry>(&v).ok().map(|e| e.log_id),
+            _ => None,
+        }
+    }
+
+    fn truncated(&self, since: u64) {
+        let mut s = self.lock();
+        s.epoch += 1;
+        s.index = s.index.min(since.saturating_sub(1));
+    }
+}
+
+fn last_log_index(db: &DB) -> Option<u64> {
+    let mut it = db.iterator_cf(cf(db, CF_LOG), IteratorMode::End);
+    let (k, _) = it.next()?.ok()?;
+    Some(u64::from_be_bytes(k.as_ref().try_into().ok()?))
+}
+
+/// One append handed to the fsync thread.
+struct Flush {
+    seq: u64,
+    epoch: u64,
+    entries: usize,
+    last_index: u64,
+    /// `None` when the append was already reported (the leader's own).
+    callback: Option<LogFlushed<TypeConfig>>,
+}
+
 /// Raft log and vote. Cloned as the log reader.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    /// Appends waiting for their fsync: entries written, and the callback.
-    flusher: std_mpsc::Sender<(usize, LogFlushed<TypeConfig>)>,
+    me: NodeId,
+    /// The vote last saved or read: whether this node leads, and which term.
+    vote: Arc<std::sync::Mutex<Option<Vote<NodeId>>>>,
+    durable: Arc<LogDurability>,
+    flusher: std_mpsc::Sender<Flush>,
 }
 
 impl LogStore {
-    pub fn new(db: Arc<DB>) -> LogStore {
-        let (tx, rx) = std_mpsc::channel::<(usize, LogFlushed<TypeConfig>)>();
-        let fdb = db.clone();
+    pub fn new(db: Arc<DB>, me: NodeId) -> LogStore {
+        let (tx, rx) = std_mpsc::channel::<Flush>();
+        let durable = LogDurability::new(db.clone());
+        let (fdb, d) = (db.clone(), durable.clone());
         std::thread::Builder::new()
             .name("raft-log-fsync".into())
             .spawn(move || {
@@ -127,18 +239,49 @@ impl LogStore {
                     }
                     // How much each fsync carries is what group commit buys:
                     // exported so a benchmark can report the batch sizes.
-                    let entries: usize = batch.iter().map(|(n, _)| n).sum();
+                    let entries: usize = batch.iter().map(|f| f.entries).sum();
                     metrics::histogram!("jfs_raft_log_flush_entries").record(entries as f64);
                     let started = std::time::Instant::now();
                     let res = fdb.flush_wal(true);
                     metrics::histogram!("jfs_raft_log_fsync_seconds").record(started.elapsed().as_secs_f64());
-                    for (_, cb) in batch {
-                        cb.log_io_completed(res.clone().map_err(|e| std::io::Error::other(e.to_string())));
+                    {
+                        let mut s = d.lock();
+                        s.failed |= res.is_err();
+                        if res.is_ok() {
+                            let epoch = s.epoch;
+                            for f in batch.iter().filter(|f| f.epoch == epoch) {
+                                s.index = s.index.max(f.last_index);
+                            }
+                        }
+                        let seq = batch.iter().map(|f| f.seq).max().unwrap_or(0);
+                        d.synced.send_replace(if s.failed { u64::MAX } else { seq });
+                    }
+                    for f in batch {
+                        if let Some(cb) = f.callback {
+                            cb.log_io_completed(res.clone().map_err(|e| std::io::Error::other(e.to_string())));
+                        }
                     }
                 }
             })
             .unwrap_or_else(|e| panic!("cannot start the log fsync thread: {e}"));
-        LogStore { db, flusher: tx }
+        LogStore {
+            db,
+            me,
+            vote: Default::default(),
+            durable,
+            flusher: tx,
+        }
+    }
+
+    /// Shared with the state machine and the network (see `LogDurability`).
+    pub fn durability(&self) -> Arc<LogDurability> {
+        self.durable.clone()
+    }
+
+    /// The term this node leads, if it is the established leader.
+    fn leading_term(&self) -> Option<u64> {
+        let v = (*self.vote.lock().unwrap_or_else(|p| p.into_inner()))?;
+        (v.is_committed() && v.leader_id().voted_for() == Some(self.me)).then_some(v.leader_id().term)
     }
 
     fn get_meta<T: for<'a> Deserialize<'a>>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
@@ -237,11 +380,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
-        self.put_meta(KEY_VOTE, vote, true)
+        self.put_meta(KEY_VOTE, vote, true)?;
+        *self.vote.lock().unwrap_or_else(|p| p.into_inner()) = Some(*vote);
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
-        self.get_meta(KEY_VOTE)
+        let v: Option<Vote<NodeId>> = self.get_meta(KEY_VOTE)?;
+        *self.vote.lock().unwrap_or_else(|p| p.into_inner()) = v;
+        Ok(v)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
@@ -259,13 +406,37 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = WriteBatch::default();
         let log = cf(&self.db, CF_LOG);
-        let mut n = 0;
+        let leading = self.leading_term();
+        let mut own = true;
+        let (mut n, mut last_index) = (0, 0);
         for e in entries {
+            // One leader per term: an entry of the term this node leads is
+            // one this node proposed.
+            own &= leading == Some(e.log_id.leader_id.term);
+            last_index = e.log_id.index;
             batch.put_cf(log, idx_key(e.log_id.index), ser(&e)?);
             n += 1;
         }
         self.db.write(batch).map_err(write_err)?;
-        if self.flusher.send((n, callback)).is_err() {
+        let (seq, epoch) = {
+            let mut s = self.durable.lock();
+            s.submitted += 1;
+            (s.submitted, s.epoch)
+        };
+        let callback = if own && n > 0 {
+            callback.log_io_completed(Ok(()));
+            None
+        } else {
+            Some(callback)
+        };
+        let flush = Flush {
+            seq,
+            epoch,
+            entries: n,
+            last_index,
+            callback,
+        };
+        if self.flusher.send(flush).is_err() {
             return Err(write_err(KvError("log fsync thread is gone".into())));
         }
         Ok(())
@@ -273,6 +444,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let log = cf(&self.db, CF_LOG);
+        self.durable.truncated(log_id.index);
         self.db
             .delete_range_cf(log, idx_key(log_id.index), idx_key(u64::MAX))
             .map_err(write_err)
@@ -593,10 +765,17 @@ pub struct StateMachine {
     /// Keep `MirrorRecord`s of applied entries (the mirror or a recovery
     /// cluster, which will mirror once it leaves recovery mode, needs them).
     record_mirror: bool,
+    /// Nothing is applied before it is fsynced here (see the module doc).
+    durable: Arc<LogDurability>,
 }
 
 impl StateMachine {
-    pub fn new(db: Arc<DB>, data_dir: &Path, record_mirror: bool) -> Result<StateMachine, StorageError> {
+    pub fn new(
+        db: Arc<DB>,
+        data_dir: &Path,
+        record_mirror: bool,
+        durable: Arc<LogDurability>,
+    ) -> Result<StateMachine, StorageError> {
         let meta = cf(&db, CF_SM_META);
         let last_applied = match db.get_cf(meta, KEY_APPLIED).map_err(read_err)? {
             Some(v) => de(&v)?,
@@ -613,6 +792,7 @@ impl StateMachine {
             last_applied,
             membership,
             record_mirror,
+            durable,
         })
     }
 
@@ -696,6 +876,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        // A commit may have counted this node's copy before its fsync.
+        self.durable.wait_for_written().await?;
         let mut replies = Vec::new();
         let mut txn = Txn::new(&self.view);
         let mut last = self.last_applied;
@@ -833,6 +1015,59 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 mod tests {
     use super::*;
     use openraft::{CommittedLeaderId, EntryPayload, LogId as RLogId};
+
+    #[test]
+    fn the_commit_sent_to_followers_never_passes_what_is_fsynced_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(dir.path()).unwrap();
+        let entry = |term, index| Entry {
+            log_id: RLogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        };
+        for i in 1..=5 {
+            db.put_cf(cf(&db, CF_LOG), idx_key(i), ser(&entry(2, i)).unwrap())
+                .unwrap();
+        }
+        // At start-up the whole log was recovered from disk.
+        let d = LogDurability::new(db.clone());
+        let at = |term, index| Some(RLogId::new(CommittedLeaderId::new(term, 1), index));
+        assert_eq!(d.cap_commit(at(2, 4)), at(2, 4));
+        assert_eq!(d.cap_commit(None), None);
+        // Entries 6 and 7 written, only 6 fsynced: the commit stops at 6.
+        for i in 6..=7 {
+            db.put_cf(cf(&db, CF_LOG), idx_key(i), ser(&entry(3, i)).unwrap())
+                .unwrap();
+        }
+        d.lock().index = 6;
+        assert_eq!(d.cap_commit(at(3, 7)), at(3, 6));
+        // A truncation takes the fsynced mark back with it, and an fsync
+        // still in flight for the truncated entries (an older epoch) cannot
+        // raise it again (the flusher checks the epoch).
+        let epoch = d.lock().epoch;
+        d.truncated(4);
+        assert_eq!(d.lock().index, 3);
+        assert_ne!(d.lock().epoch, epoch);
+        assert_eq!(d.cap_commit(at(2, 5)), at(2, 3));
+    }
+
+    #[tokio::test]
+    async fn applying_waits_for_every_written_append_and_fails_after_a_failed_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = LogDurability::new(open_db(dir.path()).unwrap());
+        d.wait_for_written().await.unwrap();
+        d.lock().submitted = 2;
+        let waiting = tokio::spawn({
+            let d = d.clone();
+            async move { d.wait_for_written().await }
+        });
+        d.synced.send_replace(1);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "append 2 is not fsynced yet");
+        d.synced.send_replace(2);
+        waiting.await.unwrap().unwrap();
+        d.synced.send_replace(u64::MAX);
+        assert!(d.wait_for_written().await.is_err());
+    }
 
     #[test]
     fn prefix_successor_bounds_the_prefix() {

@@ -269,7 +269,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )
     })?;
 
-    let log_store = raft_store::LogStore::new(db.clone(), args.node_id);
+    let log_store = raft_store::LogStore::new(db.clone(), args.node_id)
+        .with_context(|| format!("cannot sync the Raft log in {}", data_dir.display()))?;
     let durable = log_store.durability();
     let sm = raft_store::StateMachine::new(
         db.clone(),

@@ -144,17 +144,19 @@ struct Synced {
 }
 
 impl LogDurability {
-    fn new(db: Arc<DB>) -> Arc<LogDurability> {
-        // Whatever the log holds at start-up was recovered from disk.
+    fn new(db: Arc<DB>) -> Result<Arc<LogDurability>, rocksdb::Error> {
+        // After a crash RocksDB also recovers WAL records that reached only
+        // the page cache: sync them before counting the log as on disk.
+        db.flush_wal(true)?;
         let index = last_log_index(&db).unwrap_or(0);
-        Arc::new(LogDurability {
+        Ok(Arc::new(LogDurability {
             db,
             state: std::sync::Mutex::new(Synced {
                 index,
                 ..Default::default()
             }),
             synced: tokio::sync::watch::channel(0).0,
-        })
+        }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Synced> {
@@ -225,9 +227,9 @@ pub struct LogStore {
 }
 
 impl LogStore {
-    pub fn new(db: Arc<DB>, me: NodeId) -> LogStore {
+    pub fn new(db: Arc<DB>, me: NodeId) -> Result<LogStore, rocksdb::Error> {
         let (tx, rx) = std_mpsc::channel::<Flush>();
-        let durable = LogDurability::new(db.clone());
+        let durable = LogDurability::new(db.clone())?;
         let (fdb, d) = (db.clone(), durable.clone());
         std::thread::Builder::new()
             .name("raft-log-fsync".into())
@@ -264,13 +266,13 @@ impl LogStore {
                 }
             })
             .unwrap_or_else(|e| panic!("cannot start the log fsync thread: {e}"));
-        LogStore {
+        Ok(LogStore {
             db,
             me,
             vote: Default::default(),
             durable,
             flusher: tx,
-        }
+        })
     }
 
     /// Shared with the state machine and the network (see `LogDurability`).
@@ -1029,7 +1031,7 @@ mod tests {
                 .unwrap();
         }
         // At start-up the whole log was recovered from disk.
-        let d = LogDurability::new(db.clone());
+        let d = LogDurability::new(db.clone()).unwrap();
         let at = |term, index| Some(RLogId::new(CommittedLeaderId::new(term, 1), index));
         assert_eq!(d.cap_commit(at(2, 4)), at(2, 4));
         assert_eq!(d.cap_commit(None), None);
@@ -1053,7 +1055,7 @@ mod tests {
     #[tokio::test]
     async fn applying_waits_for_every_written_append_and_fails_after_a_failed_fsync() {
         let dir = tempfile::tempdir().unwrap();
-        let d = LogDurability::new(open_db(dir.path()).unwrap());
+        let d = LogDurability::new(open_db(dir.path()).unwrap()).unwrap();
         d.wait_for_written().await.unwrap();
         d.lock().submitted = 2;
         let waiting = tokio::spawn({

@@ -235,6 +235,39 @@ fn workload(w: &Workload, prefix: &str) -> Option<String> {
     unreachable!("the workload ran out of operation numbers")
 }
 
+/// Starts four workload threads and waits until one of them has cut the
+/// power; returns the threads (still running or finished).
+fn run_until_cut(c: &Cluster, w: &Arc<Workload>) -> Vec<thread::JoinHandle<Option<String>>> {
+    // Four, so that commands arrive together and metad commits them as
+    // shared log entries (`Op::Batch`): a batch must be as durable as a
+    // lone entry.
+    let workers: Vec<_> = ["a", "b", "c", "d"]
+        .into_iter()
+        .map(|prefix| {
+            let w = w.clone();
+            thread::spawn(move || workload(&w, prefix))
+        })
+        .collect();
+    wait_until(
+        &format!("the workload to reach {CUT_AFTER} acknowledged operations and cut the power"),
+        Duration::from_secs(180),
+        || {
+            let n = w.acked.lock().expect("acked list lock").len();
+            if w.cut_done.load(Ordering::SeqCst) {
+                Ok(())
+            } else if workers.iter().any(|t| t.is_finished()) {
+                panic!(
+                    "a workload thread stopped after {n} operations, before the power cut{}",
+                    c.log_tails()
+                );
+            } else {
+                Err(format!("{n} operations acknowledged"))
+            }
+        },
+    );
+    workers
+}
+
 /// `kill -9` of a daemon by its pid file if it is still alive (it may have
 /// died on its own once its filesystem went away); waits until it is gone.
 fn kill9_if_alive(c: &Cluster, name: &str) {
@@ -323,34 +356,8 @@ fn every_acknowledged_operation_survives_a_power_cut_of_all_metads() {
         cut_done: AtomicBool::new(false),
         stop_at: usize::MAX,
     });
-    // Four, so that commands arrive together and metad commits them as
-    // shared log entries (`Op::Batch`): a batch must be as durable as a
-    // lone entry.
-    let workers: Vec<_> = ["a", "b", "c", "d"]
-        .into_iter()
-        .map(|prefix| {
-            let w = w.clone();
-            thread::spawn(move || workload(&w, prefix))
-        })
-        .collect();
     let t0 = Instant::now();
-    wait_until(
-        &format!("the workload to reach {CUT_AFTER} acknowledged operations and cut the power"),
-        Duration::from_secs(180),
-        || {
-            let n = w.acked.lock().expect("acked list lock").len();
-            if w.cut_done.load(Ordering::SeqCst) {
-                Ok(())
-            } else if workers.iter().any(|t| t.is_finished()) {
-                panic!(
-                    "a workload thread stopped after {n} operations, before the power cut{}",
-                    c.log_tails()
-                );
-            } else {
-                Err(format!("{n} operations acknowledged"))
-            }
-        },
-    );
+    let workers = run_until_cut(c, &w);
     let cut_at = t0.elapsed();
     // Then the metads and the mount die too (a power cut takes the client
     // with it, so nothing is retried).
@@ -444,29 +451,7 @@ fn a_power_cut_of_the_leader_as_its_follower_stops_loses_nothing_acknowledged() 
         cut_done: AtomicBool::new(false),
         stop_at: CUT_AFTER,
     });
-    let workers: Vec<_> = ["a", "b", "c", "d"]
-        .into_iter()
-        .map(|prefix| {
-            let w = w.clone();
-            thread::spawn(move || workload(&w, prefix))
-        })
-        .collect();
-    wait_until(
-        &format!("the workload to reach {CUT_AFTER} acknowledged operations and cut the power"),
-        Duration::from_secs(180),
-        || {
-            if w.cut_done.load(Ordering::SeqCst) {
-                Ok(())
-            } else if workers.iter().any(|t| t.is_finished()) {
-                panic!("a workload thread stopped before the power cut{}", c.log_tails());
-            } else {
-                Err(format!(
-                    "{} operations acknowledged",
-                    w.acked.lock().expect("acked list lock").len()
-                ))
-            }
-        },
-    );
+    let workers = run_until_cut(c, &w);
 
     // Power back for the old leader, over what it made durable; its
     // follower stays stopped, so the old leader and the third node are the

@@ -3,7 +3,7 @@
 
 Runs ROUNDS rounds of `jfs bench meta` (each: create FILES files, look
 each up, unlink each, with CLIENTS concurrent clients over RPC) against the
-cluster of the default config, and after each round prints the rates and
+cluster of STATE/jfs.toml, and after each round prints the rates and
 the size of every metad data directory. The first and the last rounds
 should agree within noise, and the directories should level off (the Raft
 log is purged after each snapshot, RocksDB compacts its tombstones).
@@ -41,6 +41,7 @@ def main():
     ap.add_argument("--jfs", default="jfs", help="the jfs command")
     args = ap.parse_args()
     dirs = sorted(glob.glob(os.path.join(args.state, "metad*")))
+    conf = os.path.join(args.state, "jfs.toml")
     if not dirs:
         sys.exit(f"meta-drift.py: no metad* directories in {args.state}")
     print(f"# {args.rounds} rounds of {args.files:,} creates + lookups + unlinks, {args.clients} clients over RPC")
@@ -49,8 +50,8 @@ def main():
     rates = []
     t0 = time.monotonic()
     for r in range(1, args.rounds + 1):
-        p = subprocess.run([args.jfs, "bench", "meta", "--clients", str(args.clients), "--files", str(args.files),
-                            "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = subprocess.run([args.jfs, "bench", "meta", "--conf", conf, "--clients", str(args.clients),
+                            "--files", str(args.files), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if p.returncode != 0:
             sys.exit(f"meta-drift.py: round {r}: jfs bench meta exited {p.returncode}: {p.stderr.strip()}")
         run = json.loads(p.stdout)["runs"][0]

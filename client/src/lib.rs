@@ -40,6 +40,7 @@
 //!   `local_size`, `flush_all`, `pin`/`unpin`, `release_orphans`.
 
 mod blocks;
+mod dir_cache;
 mod file;
 pub mod layout;
 mod meta;
@@ -47,7 +48,7 @@ pub mod mounts;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jfs_common::config::Config;
 use jfs_common::rpc;
@@ -58,6 +59,7 @@ pub use file::FileHandle;
 pub use meta::MetaClient;
 
 use blocks::BlockPool;
+use dir_cache::{DirCache, Edit};
 use file::OpenInode;
 
 /// Rename flags (Linux values), for [`Client::rename`].
@@ -124,6 +126,8 @@ struct Inner {
     /// background work and must not crowd out the user's IO.
     compacting: Mutex<HashMap<(u64, u64), bool>>,
     compaction_slot: tokio::sync::Semaphore,
+    /// Names known not to exist (off unless [`Client::cache_dir_names`]).
+    dirs: DirCache,
 }
 
 #[derive(Default)]
@@ -185,8 +189,35 @@ impl Client {
                 alloc: tokio::sync::Mutex::new(VecDeque::new()),
                 compacting: Mutex::new(HashMap::new()),
                 compaction_slot: tokio::sync::Semaphore::new(1),
+                dirs: DirCache::new(),
             }),
         })
+    }
+
+    /// Answers lookups of names that this client knows are not there
+    /// without asking metad, for knowledge younger than `ttl`: names of
+    /// directories it listed completely or made, kept exact through its own
+    /// changes (see dir_cache.rs). Another client's new name can stay
+    /// unseen for up to `ttl`; zero (the default) turns this off.
+    pub fn cache_dir_names(&self, ttl: Duration) {
+        self.inner.dirs.set_ttl(ttl);
+    }
+
+    /// Applies the outcome of one of our entry operations on `dirs` to what
+    /// is known about them.
+    fn note_entry_change<T>(
+        &self,
+        res: &FsResult<T>,
+        stamps: impl FnOnce(&T) -> &[rpc::DirStamp],
+        dirs: &[u64],
+        edits: &[Edit<'_>],
+        asked: Instant,
+    ) {
+        match res {
+            Ok(r) => self.inner.dirs.changed(stamps(r), edits, asked),
+            // Failed, or unknown whether it happened: forget.
+            Err(_) => dirs.iter().for_each(|&d| self.inner.dirs.forget(d)),
+        }
     }
 
     pub fn namespace_info(&self) -> &NamespaceInfo {
@@ -242,6 +273,10 @@ impl Client {
 
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
         check_name(name)?;
+        if self.inner.dirs.absent(parent, name) {
+            metrics::counter!("jfs_client_dir_cache_hits_total").increment(1);
+            return Err(FsError::NotFound);
+        }
         let req = rpc::LookupRequest {
             ns: self.ns_id(),
             parent,
@@ -263,6 +298,18 @@ impl Client {
     /// One page of a directory listing, after `after` (empty: from the
     /// start). Returns the entries and whether the listing is complete.
     pub async fn readdir(&self, ino: u64, after: &[u8], limit: u32, plus: bool) -> FsResult<(Vec<DirEntry>, bool)> {
+        let (entries, eof, _) = self.readdir_page(ino, after, limit, plus).await?;
+        Ok((entries, eof))
+    }
+
+    /// [`Client::readdir`], and the directory's ctime when the page was read.
+    async fn readdir_page(
+        &self,
+        ino: u64,
+        after: &[u8],
+        limit: u32,
+        plus: bool,
+    ) -> FsResult<(Vec<DirEntry>, bool, i64)> {
         let req = rpc::ReadDirRequest {
             ns: self.ns_id(),
             ino,
@@ -285,18 +332,28 @@ impl Client {
                 }
             }
         }
-        Ok((entries, reply.eof))
+        Ok((entries, reply.eof, reply.dir_ctime))
     }
 
     /// The whole directory listing (without `.` and `..`).
     pub async fn readdir_all(&self, ino: u64, plus: bool) -> FsResult<Vec<DirEntry>> {
         let mut out: Vec<DirEntry> = Vec::new();
+        let asked = Instant::now();
+        // One ctime on every page: no change cut through the listing.
+        let mut ctime: Option<i64> = None;
+        let mut one_ctime = true;
         loop {
             let after = out.last().map(|e| e.name.clone()).unwrap_or_default();
-            let (entries, eof) = self.readdir(ino, &after, 1024, plus).await?;
+            let (entries, eof, c) = self.readdir_page(ino, &after, 1024, plus).await?;
+            one_ctime &= *ctime.get_or_insert(c) == c;
             let empty = entries.is_empty();
             out.extend(entries);
             if eof || empty {
+                if let (true, Some(c)) = (eof && one_ctime, ctime) {
+                    self.inner
+                        .dirs
+                        .listed(ino, c, out.iter().map(|e| e.name.as_slice()), asked);
+                }
                 return Ok(out);
             }
         }
@@ -317,6 +374,7 @@ impl Client {
     ) -> FsResult<Attr> {
         check_name(name)?;
         let (ns, name) = (self.ns_id(), name.to_vec());
+        let asked = Instant::now();
         let reply = self
             .meta()
             .call_mut(|mut c, hdr| {
@@ -333,8 +391,16 @@ impl Client {
                 };
                 async move { c.mknod(req).await }
             })
-            .await?;
-        Ok(self.local_view(attr_of(reply.attr)?))
+            .await;
+        self.note_entry_change(&reply, |r| &r.dirs, &[parent], &[Edit::Add(parent, &name)], asked);
+        let attr = attr_of(reply?.attr)?;
+        if mode & rpc::S_IFMT == rpc::S_IFDIR && attr.mode & rpc::S_IFMT == rpc::S_IFDIR {
+            // A directory made by this very call is empty.
+            if let Some(c) = &attr.ctime {
+                self.inner.dirs.made(attr.ino, c.as_nanos() as i64, asked);
+            }
+        }
+        Ok(self.local_view(attr))
     }
 
     /// Creates a directory; `mode` is the permission bits.
@@ -360,6 +426,7 @@ impl Client {
     pub async fn symlink(&self, parent: u64, name: &[u8], target: &[u8], uid: u32, gid: u32) -> FsResult<Attr> {
         check_name(name)?;
         let (ns, name, target) = (self.ns_id(), name.to_vec(), target.to_vec());
+        let asked = Instant::now();
         let reply = self
             .meta()
             .call_mut(|mut c, hdr| {
@@ -374,8 +441,9 @@ impl Client {
                 };
                 async move { c.symlink(req).await }
             })
-            .await?;
-        attr_of(reply.attr)
+            .await;
+        self.note_entry_change(&reply, |r| &r.dirs, &[parent], &[Edit::Add(parent, &name)], asked);
+        attr_of(reply?.attr)
     }
 
     pub async fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
@@ -388,6 +456,7 @@ impl Client {
     pub async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> FsResult<Attr> {
         check_name(new_name)?;
         let (ns, new_name) = (self.ns_id(), new_name.to_vec());
+        let asked = Instant::now();
         let reply = self
             .meta()
             .call_mut(|mut c, hdr| {
@@ -400,8 +469,10 @@ impl Client {
                 };
                 async move { c.link(req).await }
             })
-            .await?;
-        Ok(self.local_view(attr_of(reply.attr)?))
+            .await;
+        let edits = [Edit::Add(new_parent, &new_name)];
+        self.note_entry_change(&reply, |r| &r.dirs, &[new_parent], &edits, asked);
+        Ok(self.local_view(attr_of(reply?.attr)?))
     }
 
     /// Removes a non-directory. If this process still has the file open, its
@@ -413,6 +484,7 @@ impl Client {
         // keep it while anything of ours may refer to it.
         let keep_if_open = self.has_open_files() || !lock(&self.inner.pins).is_empty();
         let (ns, name) = (self.ns_id(), name.to_vec());
+        let asked = Instant::now();
         let reply = self
             .meta()
             .call_mut(|mut c, hdr| {
@@ -425,7 +497,9 @@ impl Client {
                 };
                 async move { c.unlink(req).await }
             })
-            .await?;
+            .await;
+        self.note_entry_change(&reply, |r| &r.dirs, &[parent], &[Edit::Remove(parent, &name)], asked);
+        let reply = reply?;
         if reply.orphaned {
             self.orphaned(reply.ino).await;
         }
@@ -435,7 +509,9 @@ impl Client {
     pub async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
         check_name(name)?;
         let (ns, name) = (self.ns_id(), name.to_vec());
-        self.meta()
+        let asked = Instant::now();
+        let reply = self
+            .meta()
             .call_mut(|mut c, hdr| {
                 let req = rpc::RmdirRequest {
                     hdr: Some(hdr),
@@ -445,8 +521,12 @@ impl Client {
                 };
                 async move { c.rmdir(req).await }
             })
-            .await?;
-        Ok(())
+            .await;
+        self.note_entry_change(&reply, |r| &r.dirs, &[parent], &[Edit::Remove(parent, &name)], asked);
+        if let Ok(r) = &reply {
+            self.inner.dirs.forget(r.ino);
+        }
+        reply.map(|_| ())
     }
 
     /// Renames `parent/name` to `new_parent/new_name`; `flags` is 0,
@@ -466,6 +546,7 @@ impl Client {
         // it while anything of ours refers to it, so the rename is atomic.
         let keep_if_open = self.has_open_files() || !lock(&self.inner.pins).is_empty();
         let (ns, name, new_name) = (self.ns_id(), name.to_vec(), new_name.to_vec());
+        let asked = Instant::now();
         let reply = self
             .meta()
             .call_mut(|mut c, hdr| {
@@ -481,7 +562,17 @@ impl Client {
                 };
                 async move { c.rename(req).await }
             })
-            .await?;
+            .await;
+        // An exchange keeps both names; a rename moves one.
+        let edits = if flags & RENAME_EXCHANGE != 0 {
+            Vec::new()
+        } else {
+            vec![Edit::Remove(parent, &name), Edit::Add(new_parent, &new_name)]
+        };
+        self.note_entry_change(&reply, |r| &r.dirs, &[parent, new_parent], &edits, asked);
+        let reply = reply?;
+        // A directory replaced by the rename is gone.
+        self.inner.dirs.forget(reply.replaced_ino);
         if reply.orphaned {
             self.orphaned(reply.replaced_ino).await;
         }

@@ -22,8 +22,8 @@ use std::collections::BTreeMap;
 use jfs_common::slices::{self, Slice};
 
 use crate::raft_types::{
-    valid_principal, AccessRec, ApplyResult, AttrRec, BlockInfo, BlockdRec, BlockdState, ChunkRec, Command, LockRec,
-    NamespaceRec, NewBlock, Op, RecoveryRec, Reply, SessionRec, TimeSet, LOCK_UNLOCK, LOCK_WRITE,
+    valid_principal, AccessRec, ApplyResult, AttrRec, BlockInfo, BlockdRec, BlockdState, ChunkRec, Command, DirStamp,
+    LockRec, NamespaceRec, NewBlock, Op, RecoveryRec, Reply, SessionRec, TimeSet, LOCK_UNLOCK, LOCK_WRITE,
 };
 
 pub const ROOT_INO: u64 = 1;
@@ -260,6 +260,9 @@ pub fn lookup<R: KvRead + ?Sized>(kv: &R, ns: u32, parent: u64, name: &[u8]) -> 
 pub struct DirListing {
     pub entries: Vec<(Vec<u8>, Dirent, Option<AttrRec>)>,
     pub eof: bool,
+    /// The directory's ctime, read before its entries: pages that all
+    /// report one ctime make a listing no change cut through.
+    pub dir_ctime: i64,
 }
 
 pub fn readdir<R: KvRead + ?Sized>(
@@ -294,7 +297,11 @@ pub fn readdir<R: KvRead + ?Sized>(
         };
         entries.push((name, ent, attr));
     }
-    Ok(DirListing { entries, eof })
+    Ok(DirListing {
+        entries,
+        eof,
+        dir_ctime: dir.ctime,
+    })
 }
 
 pub fn readlink<R: KvRead + ?Sized>(kv: &R, ns: u32, ino: u64) -> NsResult<Vec<u8>> {
@@ -595,7 +602,12 @@ fn end_session<R: KvRead + ?Sized>(t: &mut Txn<'_, R>, client: u64) -> Result<()
         ) else {
             return Err(KvError(format!("bad orphan owner key {k:?}")));
         };
-        let mut c = Ctx { t, now, client };
+        let mut c = Ctx {
+            t,
+            now,
+            client,
+            dirs: Vec::new(),
+        };
         match c.release_orphan(ns, ino) {
             Ok(_) => {}
             Err(NsError::Storage(e)) => return Err(e),
@@ -659,6 +671,8 @@ struct Ctx<'t, 'b, B: KvRead + ?Sized> {
     now: i64,
     /// The client that sent the command (0 for internal commands).
     client: u64,
+    /// Directories whose entries this command changed.
+    dirs: Vec<DirStamp>,
 }
 
 impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
@@ -668,6 +682,18 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
     /// older (mountd would keep a stale size).
     fn ctime_after(&self, old: i64) -> i64 {
         self.now.max(old.saturating_add(1))
+    }
+
+    /// An entry operation's reply, with the directories it changed.
+    fn stamped(&mut self, r: NsResult<Reply>) -> NsResult<Reply> {
+        let dirs = std::mem::take(&mut self.dirs);
+        match r {
+            Ok(reply) if !dirs.is_empty() => Ok(Reply::InDirs {
+                reply: Box::new(reply),
+                dirs,
+            }),
+            r => r,
+        }
     }
 }
 
@@ -719,6 +745,7 @@ fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<R
         t,
         now,
         client: cmd.client_id,
+        dirs: Vec::new(),
     };
     match &cmd.op {
         Op::InitCluster { cluster_id } => c.init_cluster(cluster_id),
@@ -737,7 +764,10 @@ fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<R
             gid,
             rdev,
             exclusive,
-        } => c.mknod(*ns, *parent, name, *mode, *uid, *gid, *rdev, *exclusive, &[]),
+        } => {
+            let r = c.mknod(*ns, *parent, name, *mode, *uid, *gid, *rdev, *exclusive, &[]);
+            c.stamped(r)
+        }
         Op::Symlink {
             ns,
             parent,
@@ -749,21 +779,31 @@ fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<R
             if target.is_empty() || target.len() > MAX_SYMLINK_LEN {
                 return Err(FsError::InvalidArgument("symlink target must be 1..4096 bytes".into()).into());
             }
-            c.mknod(*ns, *parent, name, S_IFLNK | 0o777, *uid, *gid, 0, true, target)
+            let r = c.mknod(*ns, *parent, name, S_IFLNK | 0o777, *uid, *gid, 0, true, target);
+            c.stamped(r)
         }
         Op::Link {
             ns,
             ino,
             new_parent,
             new_name,
-        } => c.link(*ns, *ino, *new_parent, new_name),
+        } => {
+            let r = c.link(*ns, *ino, *new_parent, new_name);
+            c.stamped(r)
+        }
         Op::Unlink {
             ns,
             parent,
             name,
             keep_if_open,
-        } => c.unlink(*ns, *parent, name, *keep_if_open),
-        Op::Rmdir { ns, parent, name } => c.rmdir(*ns, *parent, name),
+        } => {
+            let r = c.unlink(*ns, *parent, name, *keep_if_open);
+            c.stamped(r)
+        }
+        Op::Rmdir { ns, parent, name } => {
+            let r = c.rmdir(*ns, *parent, name);
+            c.stamped(r)
+        }
         Op::Rename {
             ns,
             parent,
@@ -772,7 +812,10 @@ fn apply_op<B: KvRead + ?Sized>(t: &mut Txn<'_, B>, cmd: &Command) -> NsResult<R
             new_name,
             flags,
             keep_if_open,
-        } => c.rename(*ns, *parent, name, *new_parent, new_name, *flags, *keep_if_open),
+        } => {
+            let r = c.rename(*ns, *parent, name, *new_parent, new_name, *flags, *keep_if_open);
+            c.stamped(r)
+        }
         Op::ReleaseOrphan { ns, ino } => c.release_orphan(*ns, *ino),
         Op::SetAttr {
             ns,
@@ -1073,8 +1116,14 @@ impl<B: KvRead + ?Sized> Ctx<'_, '_, B> {
 
     fn touch_dir(&mut self, ns: u32, ino: u64, nlink_delta: i32) -> NsResult<()> {
         let mut d = self.inode(ns, ino)?;
+        let before = d.ctime;
         d.mtime = self.now;
         d.ctime = self.ctime_after(d.ctime);
+        self.dirs.push(DirStamp {
+            ino,
+            before,
+            after: d.ctime,
+        });
         d.nlink = (d.nlink as i64 + nlink_delta as i64).max(0) as u32;
         self.put_inode(ns, ino, &d);
         Ok(())
@@ -2167,6 +2216,11 @@ mod tests {
                 op,
             };
             let mut t = Txn::new(&self.kv);
+            self.run_stamped(cmd).map(strip_dirs)
+        }
+        /// Applies `cmd` and returns its reply as a client gets it.
+        fn run_stamped(&mut self, cmd: Command) -> ApplyResult {
+            let mut t = Txn::new(&self.kv);
             let r = apply_command(&mut t, &cmd).unwrap();
             let w = t.into_writes();
             self.kv.apply(w);
@@ -2267,7 +2321,7 @@ mod tests {
             },
         };
         let mut t = Txn::new(&fs.kv);
-        let g = match apply_command(&mut t, &cmd).unwrap().unwrap() {
+        let g = match apply_command(&mut t, &cmd).unwrap().map(strip_dirs).unwrap() {
             Reply::Attr(a) => a,
             other => panic!("{other:?}"),
         };
@@ -2408,6 +2462,126 @@ mod tests {
             name: b"f1".to_vec(),
         };
         assert_eq!(fs.run_as(9, 2, op), Err(FsError::StaleRequest));
+    }
+
+    /// Directory stamps have a test of their own; the others compare
+    /// replies without them.
+    fn strip_dirs(r: Reply) -> Reply {
+        match r.split_dirs().0 {
+            Reply::Batch(each) => Reply::Batch(each.into_iter().map(|r| r.map(strip_dirs)).collect()),
+            r => r,
+        }
+    }
+
+    #[test]
+    fn entry_changes_stamp_each_directory_with_its_ctime_before_and_after() {
+        let mut fs = Fs::new();
+        let root = ROOT_INO;
+        let a = fs.ino(root, "a", S_IFDIR | 0o755);
+        let b = fs.ino(root, "b", S_IFDIR | 0o755);
+        let ns = fs.ns;
+        let mut stamped = |fs: &mut Fs, op: Op| {
+            fs.seq += 1;
+            let cmd = Command {
+                client_id: 7,
+                seq: fs.seq,
+                acked_below: 0,
+                now_ns: 1_000 + fs.seq as i64,
+                session_ns: 0,
+                op,
+            };
+            fs.run_stamped(cmd).map(|r| r.split_dirs().1)
+        };
+        let ctime = |fs: &Fs, ino| fs.attr(ino).ctime;
+
+        let before = ctime(&fs, a);
+        let dirs = stamped(
+            &mut fs,
+            Op::Mknod {
+                ns,
+                parent: a,
+                name: b"f".to_vec(),
+                mode: S_IFREG | 0o644,
+                uid: 0,
+                gid: 0,
+                rdev: 0,
+                exclusive: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            dirs,
+            vec![DirStamp {
+                ino: a,
+                before,
+                after: ctime(&fs, a)
+            }]
+        );
+        assert!(ctime(&fs, a) > before);
+
+        // A rename across directories stamps both; the listing of each
+        // reports the ctime the stamp ended at.
+        let (ba, bb) = (ctime(&fs, a), ctime(&fs, b));
+        let dirs = stamped(
+            &mut fs,
+            Op::Rename {
+                ns,
+                parent: a,
+                name: b"f".to_vec(),
+                new_parent: b,
+                new_name: b"g".to_vec(),
+                flags: 0,
+                keep_if_open: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            dirs,
+            vec![
+                DirStamp {
+                    ino: a,
+                    before: ba,
+                    after: ctime(&fs, a)
+                },
+                DirStamp {
+                    ino: b,
+                    before: bb,
+                    after: ctime(&fs, b)
+                },
+            ]
+        );
+        assert_eq!(readdir(&fs.kv, ns, b, b"", 10, false).unwrap().dir_ctime, ctime(&fs, b));
+
+        // Every change to a directory moves its ctime, even within one
+        // clock tick: a stamp's `before` is never an older change's `after`.
+        let bb = ctime(&fs, b);
+        let dirs = stamped(
+            &mut fs,
+            Op::Unlink {
+                ns,
+                parent: b,
+                name: b"g".to_vec(),
+                keep_if_open: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(dirs.len(), 1);
+        assert_eq!(dirs[0].before, bb);
+        assert!(dirs[0].after > bb);
+
+        // A failed operation changes nothing and carries no stamps.
+        assert!(stamped(
+            &mut fs,
+            Op::Unlink {
+                ns,
+                parent: b,
+                name: b"g".to_vec(),
+                keep_if_open: false
+            }
+        )
+        .is_err());
+        // Neither does one that is not an entry operation.
+        assert_eq!(stamped(&mut fs, Op::AllocateBlocks { count: 1 }).unwrap(), vec![]);
     }
 
     #[test]
@@ -3060,11 +3234,7 @@ mod tests {
             session_ns: 10_000,
             op,
         };
-        let mut t = Txn::new(&fs.kv);
-        let r = apply_command(&mut t, &cmd).unwrap();
-        let w = t.into_writes();
-        fs.kv.apply(w);
-        r
+        fs.run_stamped(cmd).map(strip_dirs)
     }
 
     fn expire(fs: &mut Fs, now: i64) {
@@ -3136,7 +3306,7 @@ mod tests {
             },
         };
         let mut t = Txn::new(&fs.kv);
-        let r = apply_command(&mut t, &batch).unwrap();
+        let r = apply_command(&mut t, &batch).unwrap().map(strip_dirs);
         let w = t.into_writes();
         fs.kv.apply(w);
         let Ok(Reply::Batch(each)) = r else { panic!("{r:?}") };

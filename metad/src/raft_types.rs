@@ -532,6 +532,33 @@ pub enum Reply {
     },
     /// The replies to `Op::Batch`'s commands, in order.
     Batch(Vec<ApplyResult>),
+    /// An entry operation's reply with the directories it changed.
+    InDirs {
+        reply: Box<Reply>,
+        dirs: Vec<DirStamp>,
+    },
+}
+
+impl Reply {
+    /// The reply without the directory stamps an entry operation adds.
+    pub fn split_dirs(self) -> (Reply, Vec<DirStamp>) {
+        match self {
+            Reply::InDirs { reply, dirs } => (*reply, dirs),
+            r => (r, Vec::new()),
+        }
+    }
+}
+
+/// A directory whose entries one command changed, with its ctime before
+/// and after. A directory's ctime moves forward on every change to it, so
+/// a client that knew the directory's names at `before` knows them at
+/// `after` by applying its own change (client/src/dir_cache.rs); any other
+/// `before` means someone else changed it meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirStamp {
+    pub ino: u64,
+    pub before: i64,
+    pub after: i64,
 }
 
 /// What applying one entry produced; stored per client session so a retry

@@ -26,8 +26,8 @@ use crate::namespace::{self, NsError};
 use crate::proposer::{ProposeError, Proposer};
 use crate::raft_store::SmView;
 use crate::raft_types::{
-    Access, AccessRec, AttrRec, BlockdRec, BlockdState, Command, MetaNode, NamespaceRec, NewBlock, NodeId, Op, Raft,
-    Reply, Slice, TimeSet,
+    Access, AccessRec, AttrRec, BlockdRec, BlockdState, Command, DirStamp, MetaNode, NamespaceRec, NewBlock, NodeId,
+    Op, Raft, Reply, Slice, TimeSet,
 };
 
 pub struct MetaService {
@@ -239,6 +239,16 @@ fn unexpected(r: Reply) -> Status {
     FsError::Internal(format!("unexpected reply {r:?}")).into()
 }
 
+fn dir_stamps(dirs: Vec<DirStamp>) -> Vec<rpc::DirStamp> {
+    dirs.into_iter()
+        .map(|d| rpc::DirStamp {
+            ino: d.ino,
+            before: d.before,
+            after: d.after,
+        })
+        .collect()
+}
+
 impl MetaService {
     /// Confirms leadership with a quorum and waits until everything
     /// committed before this moment is applied locally.
@@ -447,20 +457,24 @@ impl MetaService {
     }
 
     fn attr_reply(&self, r: Reply) -> Rpc<rpc::AttrReply> {
+        let (r, dirs) = r.split_dirs();
         match r {
             Reply::Attr(a) => Ok(Response::new(rpc::AttrReply {
                 attr: Some(attr_to_rpc(&a, PREFERRED_IO)),
+                dirs: dir_stamps(dirs),
             })),
             other => Err(unexpected(other)),
         }
     }
 
     fn unlink_reply(&self, r: Reply) -> Rpc<rpc::UnlinkReply> {
+        let (r, dirs) = r.split_dirs();
         match r {
             Reply::Unlinked { ino, orphaned, attr } => Ok(Response::new(rpc::UnlinkReply {
                 ino,
                 orphaned,
                 attr: attr.as_ref().map(|a| attr_to_rpc(a, PREFERRED_IO)),
+                dirs: dir_stamps(dirs),
             })),
             Reply::Ok => Ok(Response::new(rpc::UnlinkReply::default())),
             other => Err(unexpected(other)),
@@ -717,8 +731,13 @@ impl Meta for MetaService {
             flags: r.flags,
             keep_if_open: r.keep_if_open,
         };
-        match self.propose(&r.hdr, op).await? {
-            Reply::Renamed { replaced_ino, orphaned } => Ok(Response::new(rpc::RenameReply { replaced_ino, orphaned })),
+        let (reply, dirs) = self.propose(&r.hdr, op).await?.split_dirs();
+        match reply {
+            Reply::Renamed { replaced_ino, orphaned } => Ok(Response::new(rpc::RenameReply {
+                replaced_ino,
+                orphaned,
+                dirs: dir_stamps(dirs),
+            })),
             other => Err(unexpected(other)),
         }
     }
@@ -747,6 +766,7 @@ impl Meta for MetaService {
         Ok(Response::new(rpc::ReadDirReply {
             entries,
             eof: listing.eof,
+            dir_ctime: listing.dir_ctime,
         }))
     }
 

@@ -489,6 +489,9 @@ fn run_daemon(namespace: &str, mountpoint: &Path, conf: &Path, opts: &MountOpts)
     }
     let attr_ttl = opts.attr_timeout.unwrap_or(cfg.attr_timeout);
     let entry_ttl = opts.entry_timeout.unwrap_or(cfg.entry_timeout);
+    // Names this mount knows are absent answer lookups for as long as the
+    // kernel may keep a name it was told about: one staleness bound.
+    client.cache_dir_names(entry_ttl);
     let notifier = Arc::new(std::sync::OnceLock::new());
     let fs = fuse_ops::JfsFs::new(
         client.clone(),

@@ -6,7 +6,7 @@
 use jfs_tests::*;
 use std::collections::BTreeMap;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// `curl` of one endpoint, once (no retry: a scrape that fails is a failure).
 fn scrape(addr: &str) -> String {
@@ -252,4 +252,80 @@ fn a_create_on_the_mount_moves_the_leaders_mknod_counter() {
         after >= before + 1.0,
         "a create did not move the Mknod counter on the leader ({addr}): {before} → {after}"
     );
+}
+
+/// What a small file costs the metadata cluster: its create and one commit
+/// of its data. Block ids come from a pool the client leases in batches,
+/// so there is no allocation call per file, and nothing else is proposed
+/// for it. Counted twice: metad's per-method RPC counters, and the
+/// leader's Raft log (log entries, the unit of replication and fsync).
+#[test]
+fn a_small_file_costs_its_create_and_one_data_commit() {
+    const FILES: u64 = 64;
+    let c = Cluster::start();
+    let leader = wait_until("a metad leader", Duration::from_secs(30), || {
+        c.leader_index().ok_or_else(|| "no leader yet".to_string())
+    });
+    // The mount's session, block-id pool and connections exist already.
+    write_file(&c.path("warm-up"), &pattern(4096, 0));
+    let calls = |method: &str| -> f64 {
+        (1..=3)
+            .map(|i| {
+                let addr = metad_metrics(&c, i);
+                total(
+                    &parse(&addr, &scrape(&addr)),
+                    "jfs_rpc_requests_total",
+                    &[&format!("method=\"{method}\""), "code=\"ok\""],
+                )
+            })
+            .sum()
+    };
+    let addr = metad_metrics(&c, leader);
+    let last_index = || total(&parse(&addr, &scrape(&addr)), "jfs_raft_last_log_index", &[]);
+    let methods = ["Mknod", "CommitSlices", "AllocateBlocks", "SetAttr", "Lookup"];
+    std::fs::create_dir(c.path("small")).expect("mkdir small");
+    let index_before = last_index();
+    let before: Vec<f64> = methods.iter().map(|m| calls(m)).collect();
+    let started = Instant::now();
+    for i in 0..FILES {
+        // create, write 4 KiB, close: what cp or tar does per small file.
+        write_file(&c.path(format!("small/f{i}")), &pattern(4096, i + 1));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let entries = last_index() - index_before;
+    let d: Vec<f64> = methods.iter().zip(&before).map(|(m, b)| calls(m) - b).collect();
+    assert_eq!(
+        c.leader_index(),
+        Some(leader),
+        "leadership moved during the test; the log was counted on the old leader"
+    );
+    let report = format!(
+        "{FILES} files of 4 KiB in {secs:.1} s: {} log entries; calls: {}",
+        entries,
+        methods
+            .iter()
+            .zip(&d)
+            .map(|(m, n)| format!("{m} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    eprintln!("{report}");
+    let n = FILES as f64;
+    assert_eq!(d[0], n, "one Mknod per file: {report}");
+    assert_eq!(d[1], n, "one CommitSlices per file: {report}");
+    assert!(d[2] <= (n / 16.0).ceil() + 1.0, "block ids are not pooled: {report}");
+    assert_eq!(d[3], 0.0, "a SetAttr per file: {report}");
+    // The leader's own proposals (ExpireSessions once a second, block
+    // health) come on top; allow three entries a second for them.
+    let budget = 2.0 * n + d[2] + 3.0 * secs.ceil() + 4.0;
+    assert!(
+        entries <= budget,
+        "more than two log entries per file (budget {budget}): {report}"
+    );
+    for i in [0, FILES - 1] {
+        assert_eq!(
+            std::fs::read(c.path(format!("small/f{i}"))).expect("read back"),
+            pattern(4096, i + 1)
+        );
+    }
 }

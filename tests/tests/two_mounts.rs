@@ -175,3 +175,108 @@ fn data_is_close_to_open_between_mounts() {
     assert_reads(&fa, &v7, "A after B truncated and rewrote it");
     b.unmount();
 }
+
+/// `jfs_client_dir_cache_hits_total` of the mount whose metrics listen on
+/// `addr`: lookups it answered "no such name" without asking metad.
+fn dir_cache_hits(addr: &str) -> f64 {
+    let out = run_cmd(
+        std::process::Command::new("curl").args([
+            "-sS",
+            "--fail",
+            "--max-time",
+            "10",
+            &format!("http://{addr}/metrics"),
+        ]),
+        Duration::from_secs(20),
+    )
+    .unwrap_or_else(|e| panic!("curl http://{addr}/metrics: {e}"));
+    assert!(out.success(), "curl http://{addr}/metrics failed: {}", out.describe());
+    out.stdout
+        .lines()
+        .filter(|l| {
+            l.starts_with("jfs_client_dir_cache_hits_total ") || l.starts_with("jfs_client_dir_cache_hits_total{")
+        })
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(_, v)| v.trim().parse::<f64>().expect("a number"))
+        .sum()
+}
+
+/// A mount answers lookups of names it knows are absent (in directories it
+/// made or listed) without asking metad. The documented bound: another
+/// mount's new name shows on it at most the entry timeout after it was
+/// made, and at once after this mount's own change in that directory
+/// shows that someone else changed it.
+#[test]
+fn a_name_known_absent_shows_within_the_entry_timeout() {
+    let c = Cluster::start();
+    let ttl = Duration::from_secs(5);
+    let metrics = format!("{}:8409", c.ip);
+    let b = c.mount_second(&format!("entry_timeout={},metrics={metrics}", ttl.as_secs()));
+    let a = &c.mnt;
+
+    // 1. B made the directory, so it knows it is empty.
+    fs::create_dir(b.path("made")).expect("mkdir on B");
+    let made_at = Instant::now();
+    let hits = dir_cache_hits(&metrics);
+    assert!(!exists(&b.path("made/x")), "x exists before anyone made it");
+    if made_at.elapsed() < ttl {
+        assert_eq!(
+            dir_cache_hits(&metrics),
+            hits + 1.0,
+            "B asked metad about a name in a directory it had just made"
+        );
+    }
+    write_file(&a.join("made/x"), b"from A");
+    let acked = Instant::now();
+    let hidden = !exists(&b.path("made/x"));
+    // Past the bound, the first lookup must find it.
+    std::thread::sleep(ttl.saturating_sub(acked.elapsed()));
+    assert!(
+        exists(&b.path("made/x")),
+        "B still does not see A's file {:?} after A created it (bound: the {ttl:?} entry timeout)",
+        acked.elapsed()
+    );
+    eprintln!("A's new name right after its create: hidden on B = {hidden}");
+
+    // 2. The same for a directory B listed.
+    fs::create_dir(a.join("listed")).expect("mkdir on A");
+    write_file(&a.join("listed/there"), b"1");
+    let names: Vec<_> = fs::read_dir(b.path("listed"))
+        .expect("ls on B")
+        .map(|e| e.expect("readdir entry").file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("there")]);
+    let listed_at = Instant::now();
+    let hits = dir_cache_hits(&metrics);
+    assert!(!exists(&b.path("listed/y")), "y exists before anyone made it");
+    if listed_at.elapsed() < ttl {
+        assert_eq!(
+            dir_cache_hits(&metrics),
+            hits + 1.0,
+            "B asked metad about a name in a directory it had just listed"
+        );
+    }
+    write_file(&a.join("listed/y"), b"from A");
+    let acked = Instant::now();
+    std::thread::sleep(ttl.saturating_sub(acked.elapsed()));
+    assert!(
+        exists(&b.path("listed/y")),
+        "B still does not see A's file {:?} after A created it",
+        acked.elapsed()
+    );
+
+    // 3. B's own change shows B that the directory moved under it: what it
+    // knew is dropped and A's name shows at once, with no waiting.
+    fs::create_dir(b.path("own")).expect("mkdir on B");
+    write_file(&a.join("own/fromA"), b"1");
+    write_file(&b.path("own/fromB"), b"2");
+    assert!(
+        exists(&b.path("own/fromA")),
+        "B's own create in the directory did not reveal A's file made before it"
+    );
+    // And B still knows its own: removing its file leaves its lookups right.
+    fs::remove_file(b.path("own/fromB")).expect("unlink on B");
+    assert!(!exists(&b.path("own/fromB")), "B's unlinked file still shows on B");
+    assert!(exists(&a.join("own/fromA")) && !exists(&a.join("own/fromB")));
+    b.unmount();
+}

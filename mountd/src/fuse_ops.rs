@@ -1083,6 +1083,12 @@ impl Filesystem for JfsFs {
                         exclusive,
                     ))
                     .map_err(errno)?;
+                if exclusive {
+                    // A file made just now has no extended attributes: the
+                    // kernel's security.capability check before every
+                    // write (a metad round trip each) can be answered here.
+                    self.note_caps_absent(attr.ino);
+                }
                 let h = self.block(self.client.open_created(&attr)).map_err(errno)?;
                 let attr = if flags & libc::O_TRUNC != 0 && attr.size > 0 {
                     // An existing file came back (not O_EXCL) and O_TRUNC asks to empty it.
